@@ -1,0 +1,1 @@
+"""The internal read/write API that services call with bearer tokens."""

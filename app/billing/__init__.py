@@ -1,0 +1,1 @@
+"""Provider-neutral billing objects: customers and subscriptions mirrored from the providers."""

@@ -1,0 +1,1 @@
+"""The inbox: verified provider events, stored before they are acknowledged and applied once."""

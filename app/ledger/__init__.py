@@ -1,0 +1,1 @@
+"""The ledger core: balances, grants and append-only entries. Free of HTTP and provider formats."""

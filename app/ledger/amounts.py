@@ -1,0 +1,45 @@
+"""Exact amounts: Decimal at the edges, integer atoms at the entitlement's precision inside."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+MAX_ATOMS = 2**63 - 1
+
+
+class AmountError(ValueError):
+    """An amount that cannot be represented exactly."""
+
+
+def parse_decimal(value: object) -> Decimal:
+    """A Decimal from a JSON string or integer; floats are refused because they are already inexact."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise AmountError(f"amount must be a decimal string or an integer, got {type(value).__name__}")
+    try:
+        number = Decimal(value.strip() if isinstance(value, str) else value)
+    except InvalidOperation:
+        raise AmountError(f"amount {value!r} is not a number") from None
+    if not number.is_finite():
+        raise AmountError(f"amount {value!r} is not a finite number")
+    return number
+
+
+def to_atoms(value: Decimal | int | str, precision: int) -> int:
+    """Convert to integer atoms, refusing anything finer than the precision allows."""
+    number = value if isinstance(value, Decimal) else parse_decimal(value)
+    scaled = number.scaleb(precision)
+    if scaled != scaled.to_integral_value():
+        raise AmountError(f"amount {number} has more than {precision} decimal places")
+    atoms = int(scaled)
+    if abs(atoms) > MAX_ATOMS:
+        raise AmountError(f"amount {number} is too large")
+    return atoms
+
+
+def from_atoms(atoms: int, precision: int) -> Decimal:
+    return Decimal(atoms).scaleb(-precision)
+
+
+def format_atoms(atoms: int, precision: int) -> str:
+    """A decimal string with exactly `precision` places, as the Dodo seeds return balances."""
+    return f"{from_atoms(atoms, precision):.{precision}f}"

@@ -1,0 +1,367 @@
+"""Ledger operations. Every change to a balance goes through `_post`, under the balance's row lock.
+
+Rules, after TigerBeetle's transfers:
+- a cause (a grant's source, a usage event, an API idempotency key, a provider ledger entry) is a
+  unique `dedupe_key`, so applying the same cause twice is a no-op that returns the first entry;
+- a deduction takes from the balance first, oldest grant first, then accrues overage if enabled; one
+  that would pass a limit is refused whole and writes nothing;
+- `amount` is the change of the net position (balance - overage), so sums and chains can be audited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.catalogue import EntitlementSpec
+from app.db import insert_ignoring_conflicts, utcnow
+from app.ledger.amounts import to_atoms
+from app.models import Balance, CreditEntitlement, Grant, LedgerEntry
+
+
+class LedgerError(Exception):
+    """A refused ledger operation; `code` is what the API reports."""
+
+    code = "ledger_error"
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+
+class LimitExceeded(LedgerError):
+    code = "limit_exceeded"
+
+
+class InsufficientCredits(LedgerError):
+    code = "insufficient_credits"
+
+
+class ProviderManaged(LedgerError):
+    code = "provider_managed"
+
+
+class UnknownBalance(LedgerError):
+    code = "not_found"
+
+
+# --- entitlements and balances -------------------------------------------------------------------
+
+
+def sync_entitlement(session: Session, spec: EntitlementSpec) -> CreditEntitlement:
+    """Create or update a Tally-native entitlement from its catalogue declaration."""
+    insert_ignoring_conflicts(
+        session,
+        CreditEntitlement.__table__,
+        {"id": spec.id, "managed_by": "tally", "name": spec.name, "unit": spec.unit, "precision": spec.precision},
+    )
+    entitlement = session.get(CreditEntitlement, spec.id, populate_existing=True)
+    assert entitlement is not None
+    if entitlement.managed_by != "tally":
+        raise ProviderManaged(f"entitlement {spec.id!r} is managed by {entitlement.managed_by}")
+    if entitlement.precision != spec.precision and entitlement_has_entries(session, spec.id):
+        raise LedgerError(f"entitlement {spec.id!r}: precision cannot change once it has ledger entries")
+    entitlement.name, entitlement.unit, entitlement.precision = spec.name, spec.unit, spec.precision
+    entitlement.overage_enabled = spec.overage_enabled
+    entitlement.overage_limit = None if spec.overage_limit is None else to_atoms(spec.overage_limit, spec.precision)
+    return entitlement
+
+
+def entitlement_has_entries(session: Session, entitlement_id: str) -> bool:
+    query = select(LedgerEntry.id).join(Balance).where(Balance.entitlement_id == entitlement_id).limit(1)
+    return session.execute(query).first() is not None
+
+
+def lock_balance(session: Session, customer_id: str, entitlement_id: str, *, create: bool = True) -> Balance:
+    """The balance row, locked for this transaction (FOR UPDATE on PostgreSQL; SQLite locks the file)."""
+    if create:
+        entitlement = session.get(CreditEntitlement, entitlement_id)
+        if entitlement is None:
+            raise UnknownBalance(f"no credit entitlement {entitlement_id!r}")
+        insert_ignoring_conflicts(
+            session,
+            Balance.__table__,
+            {
+                "customer_id": customer_id,
+                "entitlement_id": entitlement_id,
+                "overage_enabled": entitlement.overage_enabled,
+                "overage_limit": entitlement.overage_limit,
+            },
+        )
+    query = (
+        select(Balance)
+        .where(Balance.customer_id == customer_id, Balance.entitlement_id == entitlement_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    balance = session.execute(query).scalar_one_or_none()
+    if balance is None:
+        raise UnknownBalance(f"no balance for customer {customer_id!r} in {entitlement_id!r}")
+    return balance
+
+
+# --- posting -------------------------------------------------------------------------------------
+
+
+def find_entry(session: Session, dedupe_key: str) -> LedgerEntry | None:
+    return session.execute(select(LedgerEntry).where(LedgerEntry.dedupe_key == dedupe_key)).scalar_one_or_none()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Why an entry exists; `dedupe_key` makes the cause count once."""
+
+    dedupe_key: str | None = None
+    inbox_event_id: int | None = None
+    usage_event_id: str | None = None
+    idempotency_key: str | None = None
+    external_id: str | None = None
+    description: str | None = None
+
+
+def _post(
+    session: Session,
+    balance: Balance,
+    *,
+    kind: str,
+    balance_after: int,
+    overage_after: int,
+    source: Source,
+    grant: Grant | None = None,
+    at: datetime | None = None,
+) -> LedgerEntry:
+    """Append one entry and move the (locked) balance with it."""
+    at = at or utcnow()
+    amount = (balance_after - overage_after) - (balance.balance - balance.overage)
+    entry = LedgerEntry(
+        balance_id=balance.id,
+        kind=kind,
+        amount=amount,
+        balance_before=balance.balance,
+        balance_after=balance_after,
+        overage_before=balance.overage,
+        overage_after=overage_after,
+        grant_id=grant.id if grant else None,
+        dedupe_key=source.dedupe_key,
+        inbox_event_id=source.inbox_event_id,
+        usage_event_id=source.usage_event_id,
+        idempotency_key=source.idempotency_key,
+        external_id=source.external_id,
+        description=source.description,
+        created_at=at,
+    )
+    session.add(entry)
+    balance.balance, balance.overage = balance_after, overage_after
+    balance.entry_count += 1
+    balance.last_transaction_at = at
+    session.flush()
+    return entry
+
+
+def grant(
+    session: Session,
+    balance: Balance,
+    amount: int,
+    *,
+    source_key: str,
+    starts_at: datetime,
+    expires_at: datetime | None,
+    source: Source = Source(),
+    kind: str = "grant",
+) -> LedgerEntry:
+    """Add credits once per `source_key`; a repeat returns the first grant's entry."""
+    if amount < 0:
+        raise LedgerError("a grant cannot be negative")
+    existing = find_entry(session, f"grant:{source_key}")
+    if existing is not None:
+        return existing
+    new_grant = Grant(
+        balance_id=balance.id, source_key=source_key, amount=amount, remaining=amount,
+        starts_at=starts_at, expires_at=expires_at,
+    )
+    session.add(new_grant)
+    session.flush()
+    source = Source(**{**source.__dict__, "dedupe_key": f"grant:{source_key}"})
+    return _post(session, balance, kind=kind, balance_after=balance.balance + amount,
+                 overage_after=balance.overage, source=source, grant=new_grant)
+
+
+def expire_due_grants(session: Session, balance: Balance, now: datetime) -> list[LedgerEntry]:
+    """Expire what is left of every grant past its expiry: one `expiry` entry per grant."""
+    due = session.execute(
+        select(Grant)
+        .where(Grant.balance_id == balance.id, Grant.expired_at.is_(None), Grant.expires_at <= now)
+        .order_by(Grant.starts_at, Grant.id)
+    ).scalars()
+    entries = []
+    for expiring in due:
+        expiring.expired_at = now
+        if expiring.remaining:
+            entries.append(
+                _post(session, balance, kind="expiry", balance_after=balance.balance - expiring.remaining,
+                      overage_after=balance.overage, grant=expiring,
+                      source=Source(dedupe_key=f"expiry:{expiring.id}")))
+            expiring.remaining = 0
+    return entries
+
+
+def reset_overage(session: Session, balance: Balance, *, dedupe_key: str, source: Source = Source()) -> LedgerEntry | None:
+    """Clear the accrued overage at a period's end (the provider bills it separately)."""
+    if balance.overage == 0 or find_entry(session, dedupe_key) is not None:
+        return None
+    source = Source(**{**source.__dict__, "dedupe_key": dedupe_key})
+    return _post(session, balance, kind="overage_reset", balance_after=balance.balance, overage_after=0, source=source)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str
+    message: str
+
+
+def check_deduction(balance: Balance, amount: int) -> Refusal | None:
+    """Why a deduction of `amount` atoms must be refused, or None. Pure: reads the locked balance."""
+    from_balance = min(amount, balance.balance)
+    to_overage = amount - from_balance
+    if balance.hard_cap is not None and balance.period_used + amount > balance.hard_cap:
+        return Refusal("limit_exceeded", "usage would pass the plan's hard cap for this period")
+    if to_overage:
+        if not balance.overage_enabled:
+            return Refusal("insufficient_credits", "the balance cannot cover this and overage is disabled")
+        if balance.overage_limit is not None and balance.overage + to_overage > balance.overage_limit:
+            return Refusal("limit_exceeded", "the deduction would push overage past its limit")
+    return None
+
+
+def deduct(
+    session: Session, balance: Balance, amount: int, *, source: Source, now: datetime | None = None,
+    kind: str = "deduction",
+) -> LedgerEntry:
+    """Take `amount` atoms: balance first (oldest grant first), then overage. All or nothing."""
+    if amount <= 0:
+        raise LedgerError("a deduction must be above zero")
+    if source.dedupe_key:
+        existing = find_entry(session, source.dedupe_key)
+        if existing is not None:
+            return existing
+    now = now or utcnow()
+    expire_due_grants(session, balance, now)
+    refusal = check_deduction(balance, amount)
+    if refusal is not None:
+        error = LimitExceeded if refusal.code == "limit_exceeded" else InsufficientCredits
+        raise error(refusal.message)
+
+    from_balance = min(amount, balance.balance)
+    remaining = from_balance
+    grants = session.execute(
+        select(Grant)
+        .where(Grant.balance_id == balance.id, Grant.remaining > 0, Grant.expired_at.is_(None))
+        .order_by(Grant.starts_at, Grant.id)
+    ).scalars()
+    for live in grants:
+        if remaining == 0:
+            break
+        taken = min(live.remaining, remaining)
+        live.remaining -= taken
+        remaining -= taken
+    balance.period_used += amount
+    return _post(session, balance, kind=kind, balance_after=balance.balance - from_balance,
+                 overage_after=balance.overage + (amount - from_balance), source=source, at=now)
+
+
+# --- billing periods -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeriodTerms:
+    """What a plan gives for one billing period, in atoms."""
+
+    subscription_id: str
+    plan_key: str
+    start: datetime
+    end: datetime | None
+    included: int
+    hard_cap: int | None
+    overage_enabled: bool
+    overage_limit: int | None
+
+
+def start_period(session: Session, balance: Balance, terms: PeriodTerms, *, source: Source = Source()) -> bool:
+    """Move a (locked) balance into a new billing period, granting its credits once.
+
+    The previous period's unused grant expires and its overage resets, each as an entry. A period
+    that is not newer than the current one changes nothing, so late or repeated events are harmless.
+    """
+    if balance.period_start is not None and terms.start <= balance.period_start:
+        return False
+    if balance.period_start is not None:
+        expire_due_grants(session, balance, terms.start)
+        reset_overage(session, balance, source=source,
+                      dedupe_key=f"overage_reset:{balance.id}:{balance.period_start.isoformat()}")
+    balance.subscription_id, balance.plan_key = terms.subscription_id, terms.plan_key
+    balance.period_start, balance.period_end = terms.start, terms.end
+    balance.period_included, balance.period_used = terms.included, 0
+    balance.hard_cap = terms.hard_cap
+    balance.overage_enabled, balance.overage_limit = terms.overage_enabled, terms.overage_limit
+    grant(session, balance, terms.included, starts_at=terms.start, expires_at=terms.end, source=source,
+          source_key=f"period:{terms.subscription_id}:{terms.start.isoformat()}")
+    return True
+
+
+def expire_all_due(session: Session, now: datetime | None = None) -> int:
+    """The clock's sweep: expire grants and reset overage of periods that have ended."""
+    now = now or utcnow()
+    balance_keys = session.execute(
+        select(Balance.customer_id, Balance.entitlement_id)
+        .join(Grant, Grant.balance_id == Balance.id)
+        .where(Grant.expired_at.is_(None), Grant.expires_at <= now)
+        .distinct()
+    ).all()
+    count = 0
+    for customer_id, entitlement_id in balance_keys:
+        balance = lock_balance(session, customer_id, entitlement_id, create=False)
+        count += len(expire_due_grants(session, balance, now))
+        if balance.period_end is not None and balance.period_end <= now and balance.period_start is not None:
+            reset_overage(session, balance, dedupe_key=f"overage_reset:{balance.id}:{balance.period_start.isoformat()}")
+    return count
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+def verify(session: Session) -> list[str]:
+    """Every breach of the ledger's invariants, as readable lines (empty when all hold)."""
+    problems: list[str] = []
+    sums = dict(
+        session.execute(select(LedgerEntry.balance_id, func.coalesce(func.sum(LedgerEntry.amount), 0))
+                        .group_by(LedgerEntry.balance_id)).all()
+    )
+    for balance in session.execute(select(Balance).order_by(Balance.id)).scalars():
+        label = f"balance {balance.id} ({balance.customer_id}/{balance.entitlement_id})"
+        net = balance.balance - balance.overage
+        if net != sums.get(balance.id, 0):
+            problems.append(f"{label}: balance - overage = {net} but its entries sum to {sums.get(balance.id, 0)}")
+        if balance.balance < 0 or balance.overage < 0:
+            problems.append(f"{label}: negative balance or overage ({balance.balance}, {balance.overage})")
+        previous: tuple[int, int] = (0, 0)
+        count = 0
+        for entry in session.execute(
+            select(LedgerEntry).where(LedgerEntry.balance_id == balance.id).order_by(LedgerEntry.id)
+        ).scalars():
+            count += 1
+            if (entry.balance_before, entry.overage_before) != previous:
+                problems.append(f"{label}: entry {entry.id} starts at {(entry.balance_before, entry.overage_before)}"
+                                f" but the previous entry ended at {previous}")
+            if (entry.balance_after - entry.overage_after) - (entry.balance_before - entry.overage_before) != entry.amount:
+                problems.append(f"{label}: entry {entry.id} amount {entry.amount} does not match its before/after")
+            previous = (entry.balance_after, entry.overage_after)
+        if previous != (balance.balance, balance.overage):
+            problems.append(f"{label}: last entry ends at {previous}, balance is {(balance.balance, balance.overage)}")
+        if count != balance.entry_count:
+            problems.append(f"{label}: {count} entries but the balance counts {balance.entry_count}")
+        if balance.overage_limit is not None and balance.overage > balance.overage_limit:
+            problems.append(f"{label}: overage {balance.overage} is past its limit {balance.overage_limit}")
+    return problems

@@ -1,0 +1,1 @@
+"""Stripe: webhook signatures, payload parsing, and the handlers that turn events into ledger changes."""

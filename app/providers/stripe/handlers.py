@@ -1,0 +1,138 @@
+"""Applying Stripe events: subscription and customer snapshots, and period credit grants."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, Callable
+
+from sqlalchemy.orm import Session
+
+from app.billing.snapshots import Watermark
+from app.billing.subscriptions import apply_customer_snapshot, apply_subscription_snapshot, ensure_customer
+from app.catalogue import PlanSpec
+from app.errors import PayloadError
+from app.ledger.amounts import to_atoms
+from app.ledger.service import PeriodTerms, Source, lock_balance, start_period, sync_entitlement
+from app.models import InboxEvent, Subscription
+from app.providers.base import HandlerContext
+from app.providers.stripe.objects import PriceRef, parse_paid_invoice, parse_subscription, previous_state
+
+GRANTING_STATUSES = frozenset({"active", "trialing"})
+
+# Order of event types that can share one second: creation first, deletion last.
+LIFECYCLE_RANK = {
+    "customer.subscription.created": 0,
+    "customer.subscription.updated": 1,
+    "customer.subscription.paused": 1,
+    "customer.subscription.resumed": 1,
+    "customer.subscription.trial_will_end": 1,
+    "customer.subscription.deleted": 2,
+    "customer.created": 0,
+    "customer.updated": 1,
+    "customer.deleted": 2,
+}
+
+
+def _watermark(payload: dict[str, Any], data: dict[str, Any]) -> Watermark:
+    created = payload.get("created")
+    if isinstance(created, bool) or not isinstance(created, int):
+        raise PayloadError("event.created must be a unix timestamp")
+    return Watermark(at=created, rank=LIFECYCLE_RANK.get(payload["type"], 1), event_id=payload["id"],
+                     previous=previous_state(data.get("previous_attributes")))
+
+
+def _resolve_plan(context: HandlerContext, price: PriceRef) -> PlanSpec | None:
+    return context.catalogue.plan_for(
+        price_id=price.price_id, product_id=price.product_id, lookup_key=price.lookup_key, metadata=price.metadata
+    )
+
+
+def open_plan_period(
+    session: Session, context: HandlerContext, plan: PlanSpec, *, customer_id: str, subscription_id: str,
+    start: datetime, end: datetime, source: Source,
+) -> bool:
+    """Grant a plan's credits for a period (once), moving the customer's balance into it."""
+    spec = context.catalogue.entitlement_for(plan)
+    entitlement = sync_entitlement(session, spec)
+    precision = entitlement.precision
+    limits = [limit for limit in (plan.overage_limit, spec.overage_limit) if limit is not None]
+    terms = PeriodTerms(
+        subscription_id=subscription_id,
+        plan_key=plan.key,
+        start=start,
+        end=end,
+        included=to_atoms(plan.included, precision),
+        hard_cap=None if plan.hard_cap is None else to_atoms(plan.hard_cap, precision),
+        overage_enabled=spec.overage_enabled if plan.overage_enabled is None else plan.overage_enabled,
+        overage_limit=to_atoms(min(limits), precision) if limits else None,
+    )
+    balance = lock_balance(session, customer_id, spec.id)
+    return start_period(session, balance, terms, source=source)
+
+
+def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    data = payload["data"]
+    snapshot, price = parse_subscription(data.get("object"))
+    plan = _resolve_plan(context, price)
+    snapshot = replace(snapshot, plan_key=plan.key if plan else None)
+    if not apply_subscription_snapshot(session, snapshot, _watermark(payload, data)):
+        return
+    if (
+        plan is not None
+        and snapshot.status in GRANTING_STATUSES
+        and snapshot.period_start is not None
+        and snapshot.period_end is not None
+        and snapshot.period_end > context.now
+    ):
+        open_plan_period(session, context, plan, customer_id=snapshot.customer_id, subscription_id=snapshot.id,
+                         start=snapshot.period_start, end=snapshot.period_end,
+                         source=Source(inbox_event_id=event.id))
+
+
+def _on_invoice_paid(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    period = parse_paid_invoice(payload["data"].get("object"))
+    if period is None or period.end <= context.now:
+        return  # a one-off invoice, or a period already over: nothing left to grant
+    plan = _resolve_plan(context, period.price)
+    if plan is None:
+        known = session.get(Subscription, period.subscription_id)
+        plan = context.catalogue.plans.get(known.plan_key) if known and known.plan_key else None
+    if plan is None:
+        return
+    ensure_customer(session, period.customer_id, "stripe")
+    open_plan_period(session, context, plan, customer_id=period.customer_id, subscription_id=period.subscription_id,
+                     start=period.start, end=period.end,
+                     source=Source(inbox_event_id=event.id, description=f"invoice {period.invoice_id} paid"))
+
+
+def _on_customer(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    data = payload["data"]
+    customer = data.get("object")
+    if not isinstance(customer, dict) or not isinstance(customer.get("id"), str):
+        raise PayloadError("data.object must be a customer with an id")
+    deleted = payload["type"] == "customer.deleted" or bool(customer.get("deleted"))
+    apply_customer_snapshot(session, customer_id=customer["id"], provider="stripe", watermark=_watermark(payload, data),
+                            email=customer.get("email"), name=customer.get("name"), deleted=deleted,
+                            deleted_at=context.now if deleted else None)
+
+
+HANDLERS: dict[str, Callable[[Session, InboxEvent, dict[str, Any], HandlerContext], None]] = {
+    **{name: _on_subscription for name in LIFECYCLE_RANK if name.startswith("customer.subscription.")},
+    "invoice.paid": _on_invoice_paid,
+    "customer.created": _on_customer,
+    "customer.updated": _on_customer,
+    "customer.deleted": _on_customer,
+}
+
+
+def handle(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> bool:
+    if payload.get("object") == "v2.core.event":
+        return False  # thin events carry no snapshot; they are kept for reconciliation to fetch
+    handler = HANDLERS.get(payload.get("type", ""))
+    if handler is None:
+        return False
+    if not isinstance(payload.get("data"), dict) or not isinstance(payload.get("id"), str):
+        raise PayloadError("the event needs an id and a data object")
+    handler(session, event, payload, context)
+    return True

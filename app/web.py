@@ -1,0 +1,136 @@
+"""The Starlette application: webhook receivers, the internal API, health, metrics and OpenAPI."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
+
+from app import webhooks
+from app.api import routes as api_routes
+from app.api.auth import Authenticator
+from app.config import Settings, get_settings
+from app.db import Database, get_database, utcnow
+from app.http import EXCEPTION_HANDLERS, Services, services
+from app.inbox.store import Enqueue
+
+log = logging.getLogger(__name__)
+
+schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "Tally", "version": "0.1.0"}})
+
+
+async def healthz(_request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """Ready when the database and the broker answer."""
+    failures: dict[str, str] = {}
+    for name, check in services(request).ready_checks.items():
+        try:
+            await run_in_threadpool(check)
+        except Exception as error:  # any client error means "not ready"
+            failures[name] = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if failures:
+        return JSONResponse({"status": "unavailable", "failures": failures}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(_request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(schemas.get_schema(routes=request.app.routes))
+
+
+def database_check(db: Database) -> Callable[[], None]:
+    def check() -> None:
+        with db.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    return check
+
+
+def broker_check(broker: Any) -> Callable[[], None]:
+    def check() -> None:
+        client = getattr(broker, "client", None)
+        if client is not None:
+            client.ping()  # redis
+        elif hasattr(broker, "connection"):
+            _ = broker.connection  # rabbitmq: opens (or reuses) this thread's connection
+
+    return check
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    db: Database | None = None,
+    enqueue: Enqueue | None = None,
+    broker: Any = None,
+    clock: Callable[[], datetime] = utcnow,
+    run_workers: bool | None = None,
+) -> Starlette:
+    """Build the app. With the in-process broker it also runs the workers and the clock itself."""
+    settings = settings or get_settings()
+    db = db or get_database()
+    if enqueue is None or broker is None:
+        from workers import actors
+
+        enqueue = enqueue or actors.enqueue
+        broker = broker or actors.broker
+    if run_workers is None:
+        run_workers = settings.broker_kind == "inprocess"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        worker = scheduler = None
+        if run_workers:
+            from workers.broker import start_inprocess_worker
+            from workers.clock import start_in_background
+
+            worker = start_inprocess_worker(broker, settings.worker_threads)
+            scheduler = start_in_background()
+            log.info("in-process broker: %s worker threads and the clock run inside this process",
+                     settings.worker_threads)
+        try:
+            yield
+        finally:
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
+            if worker is not None:
+                worker.stop()
+
+    app = Starlette(
+        routes=[
+            *webhooks.routes,
+            *api_routes.routes,
+            Route("/healthz", healthz, include_in_schema=False),
+            Route("/readyz", readyz, include_in_schema=False),
+            Route("/metrics", metrics, include_in_schema=False),
+            Route("/openapi.json", openapi, include_in_schema=False),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+    app.state.services = Services(
+        settings=settings,
+        db=db,
+        enqueue=enqueue,
+        authenticator=Authenticator(db, settings.api_keys),
+        clock=clock,
+        ready_checks={"database": database_check(db), "broker": broker_check(broker)},
+    )
+    return app
