@@ -53,8 +53,10 @@ def insert_ignoring_conflicts(session: Session, table: Table, values: dict[str, 
     This is how concurrent duplicates are absorbed: the unique constraint decides, not a prior read.
     """
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    result = session.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
-    return bool(result.rowcount)
+    statement = dialect.insert(table).values(**values).on_conflict_do_nothing()
+    # RETURNING says for sure whether a row went in (rowcount can be -1 here on psycopg).
+    returned = session.execute(statement.returning(*table.primary_key.columns)).first()
+    return returned is not None
 
 
 class Database:

@@ -82,7 +82,9 @@ def db() -> Iterator[Database]:
 
 @pytest.fixture(autouse=True)
 def clean_tables(db: Database) -> Iterator[None]:
+    """Empty every table and queue after each test, so no test sees another's rows or messages."""
     yield
+    actors.broker.flush_all()
     tables = [table.name for table in reversed(Base.metadata.sorted_tables)]
     with db.engine.begin() as connection:
         if db.is_sqlite:
@@ -99,6 +101,8 @@ def worker(db: Database) -> Iterator[dramatiq.Worker]:
     running.start()
     yield running
     running.stop()
+    # Dramatiq leaves a stopped worker's middleware on the broker; drop it so the next worker is alone.
+    actors.broker.middleware[:] = [m for m in actors.broker.middleware if type(m).__name__ != "_WorkerMiddleware"]
 
 
 def _free_port() -> int:
