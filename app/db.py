@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, Table, create_engine, event
+from sqlalchemy import DateTime, Engine, Row, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,16 +47,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def insert_ignoring_conflicts(session: Session, table: Table, values: dict[str, Any]) -> bool:
-    """INSERT … ON CONFLICT DO NOTHING on either database; True when a row was inserted.
+def insert_ignoring_conflicts(session: Session, table: Table, values: dict[str, Any]) -> Row[Any] | None:
+    """INSERT … ON CONFLICT DO NOTHING on either database: the new row's primary key, or None.
 
     This is how concurrent duplicates are absorbed: the unique constraint decides, not a prior read.
+    RETURNING says for sure whether a row went in (rowcount can be -1 here on psycopg).
     """
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     statement = dialect.insert(table).values(**values).on_conflict_do_nothing()
-    # RETURNING says for sure whether a row went in (rowcount can be -1 here on psycopg).
-    returned = session.execute(statement.returning(*table.primary_key.columns)).first()
-    return returned is not None
+    return session.execute(statement.returning(*table.primary_key.columns)).first()
 
 
 class Database:

@@ -94,7 +94,7 @@ def apply_subscription_snapshot(session: Session, snapshot: SubscriptionSnapshot
         select(Subscription).where(Subscription.id == snapshot.id).with_for_update()
         .execution_options(populate_existing=True)
     ).scalar_one()
-    stored = None if inserted or row.watermark_event_id is None else Watermark(
+    stored = None if inserted is not None or row.watermark_event_id is None else Watermark(
         row.watermark_at, row.watermark_rank, row.watermark_event_id, row.watermark_previous)
     if not is_newer(watermark, snapshot.state, stored, stored_state(row)):
         return False

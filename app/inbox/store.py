@@ -27,11 +27,7 @@ def store_event(db: Database, *, provider: str, event_id: str, event_type: str, 
             "provider": provider, "provider_event_id": event_id, "type": event_type, "body": body,
             "received_at": utcnow(),
         })
-        if not inserted:
-            return None
-        return session.execute(
-            select(InboxEvent.id).where(InboxEvent.provider == provider, InboxEvent.provider_event_id == event_id)
-        ).scalar_one()
+        return None if inserted is None else int(inserted[0])
 
 
 def try_enqueue(enqueue: Enqueue, inbox_event_id: int) -> bool:
