@@ -92,6 +92,39 @@ class Placed:
     expected_before: State | None  # set when the entry follows a gap
 
 
+def _unbroken_order(links: list[Link], state: State, budget: int = 10_000) -> list[Link] | None:
+    """An order of one instant's entries (sorted by key) in which every link holds, or None.
+
+    A depth-first search, candidates in key order, so the answer is deterministic; entries sharing
+    one instant are few (a deduction split into balance and overage), and the budget bounds the rest.
+    """
+    used = [False] * len(links)
+    path: list[Link] = []
+    steps = 0
+
+    def extend(current: State) -> bool:
+        nonlocal steps
+        if len(path) == len(links):
+            return True
+        steps += 1
+        if steps > budget:
+            return False
+        tried: set[tuple[State, State]] = set()
+        for index, link in enumerate(links):
+            if used[index] or link.before != current or (link.before, link.after) in tried:
+                continue
+            tried.add((link.before, link.after))
+            used[index] = True
+            path.append(link)
+            if extend(link.after):
+                return True
+            used[index] = False
+            path.pop()
+        return False
+
+    return path if extend(state) else None
+
+
 def order_chain(links: Sequence[Link], start: State = ZERO) -> list[Placed]:
     """Order entries as the provider did and find the gaps; the result depends only on the set."""
     by_time: dict[datetime, list[Link]] = {}
@@ -101,6 +134,12 @@ def order_chain(links: Sequence[Link], start: State = ZERO) -> list[Placed]:
     state = start
     for moment in sorted(by_time):
         remaining = sorted(by_time[moment], key=lambda link: link.key)
+        unbroken = _unbroken_order(remaining, state) if len(remaining) > 1 else None
+        if unbroken is not None:
+            for link in unbroken:
+                placed.append(Placed(link, len(placed), None))
+            state = unbroken[-1].after
+            continue
         while remaining:
             chosen = next((link for link in remaining if link.before == state), None)
             if chosen is None:
