@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -23,6 +23,7 @@ from app.config import get_settings
 from app.db import Database
 from app.inbox.processing import apply_event
 from app.inbox.store import store_event
+from app.models import InboxEvent
 from app.web import create_app
 
 DODO_KEY = "whsec_dGFsbHktZG9kby1jdXJyZW50LXRlc3Qta2V5LTAxMjM0NTY3"
@@ -86,7 +87,7 @@ def cart_line(entitlement: str, *, name: str = "API Calls", unit: str = "calls",
         "credit_entitlement_id": entitlement, "credit_entitlement_name": name, "unit": unit,
         "credits_amount": credits_amount, "overage_enabled": overage_enabled, "overage_limit": overage_limit,
         "overage_behavior": "invoice_at_billing", "rollover_enabled": False, "product_id": "pdt_test",
-        "remaining_balance": credits_amount, "overage_balance": "0.00", "expires_after_days": None,
+        "remaining_balance": credits_amount, "overage_balance": "0", "expires_after_days": None,
         "low_balance_threshold_percent": 20, "max_rollover_count": None, "rollover_percentage": None,
         "rollover_timeframe_count": None, "rollover_timeframe_interval": None,
     }
@@ -130,10 +131,19 @@ def deliver(http: httpx.Client, payload: dict[str, Any], webhook_id: str, *, key
     return http.post("/webhooks/dodo", content=body, headers=sign(body, webhook_id, key=key))
 
 
-def apply_now(db: Database, payload: dict[str, Any], webhook_id: str) -> str:
-    """Store and apply one event synchronously, as a worker would; its status, or "duplicate"."""
+def apply_now(db: Database, payload: dict[str, Any], webhook_id: str, *, received_later: int = 0) -> str:
+    """Store and apply one event synchronously, as a worker would; its status, or "duplicate".
+
+    `received_later` moves the inbox receipt time forward, as if the delivery had come that many
+    seconds later (tests cannot wait for the clock).
+    """
     inbox_id = store_event(db, provider="dodo", event_id=webhook_id, event_type=payload["type"],
                            body=json.dumps(payload))
     if inbox_id is None:
         return "duplicate"
+    if received_later:
+        with db.write() as session:
+            event = session.get(InboxEvent, inbox_id)
+            assert event is not None
+            event.received_at = event.received_at + timedelta(seconds=received_later)
     return apply_event(db, get_settings().catalogue, inbox_id, max_attempts=1)
