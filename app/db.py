@@ -51,9 +51,11 @@ def insert_ignoring_conflicts(session: Session, table: Table, values: dict[str, 
     """INSERT … ON CONFLICT DO NOTHING on either database; True when a row was inserted.
 
     This is how concurrent duplicates are absorbed: the unique constraint decides, not a prior read.
+    `preserve_rowcount`: SQLAlchemy 2.1 only keeps an INSERT's rowcount when asked (psycopg gives -1).
     """
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    result = session.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
+    statement = dialect.insert(table).values(**values).on_conflict_do_nothing()
+    result = session.execute(statement.execution_options(preserve_rowcount=True))
     return bool(result.rowcount)
 
 

@@ -4,6 +4,7 @@ often and however concurrently it arrives; subscription snapshots and carts, ale
 from __future__ import annotations
 
 import threading
+import pytest
 from conftest import wait_for
 from dodo_builders import apply_now, cart_line, deliver, dodo_http, dodo_server, envelope, ledger_entry, subscription  # noqa: F401
 from sqlalchemy import func, select
@@ -28,6 +29,7 @@ def statuses(db) -> dict[str, str]:
         return dict(session.execute(select(InboxEvent.provider_event_id, InboxEvent.status)).all())
 
 
+@pytest.mark.broker
 def test_twenty_parallel_deliveries_of_one_event_have_one_effect(db, dodo_http, worker):
     payload = ledger_entry("cle_par", "cus_par", "cde_calls", "credit_added", "250.00", ("0", "0"), ("250.00", "0"),
                            "2026-03-01T00:00:00Z")
@@ -55,6 +57,7 @@ def test_twenty_parallel_deliveries_of_one_event_have_one_effect(db, dodo_http, 
         assert balance.balance == 250 * 10**10
 
 
+@pytest.mark.broker
 def test_parallel_deliveries_of_one_ledger_entry_under_different_webhook_ids(db, dodo_http, worker):
     payload = ledger_entry("cle_par2", "cus_par2", "cde_calls", "credit_added", "5", ("0", "0"), ("5", "0"),
                            "2026-03-01T00:00:00Z")
@@ -69,6 +72,7 @@ def test_parallel_deliveries_of_one_ledger_entry_under_different_webhook_ids(db,
         assert session.execute(select(Balance.entry_count)).scalar_one() == 1
 
 
+@pytest.mark.broker
 def test_a_subscription_stores_its_period_cart_and_meters(db, dodo_http, worker):
     cart = [cart_line("cde_calls", name="API Calls", unit="calls", overage_limit="100.00"),
             cart_line("cde_tokens", name="Tokens", unit="tokens", credits_amount="5000", overage_enabled=False,
@@ -166,6 +170,7 @@ def test_payments_and_refunds_are_stored_with_their_latest_state(db):
         assert (rows["ref_1"].payment_id, rows["ref_1"].amount, rows["ref_1"].kind) == ("pay_1", 500, "refund")
 
 
+@pytest.mark.broker
 def test_unknown_types_are_kept_and_malformed_payloads_dead_lettered(db, dodo_http, worker):
     assert deliver(dodo_http, envelope("license_key.created", {"id": "lic_1"}), "msg_unknown").status_code == 200
     broken = ledger_entry("cle_broken", "cus_broken", "cde_calls", "credit_added", "5", ("0", "0"), ("5", "0"),

@@ -5,8 +5,10 @@ before and after it. Tally stores each entry once (unique on the provider's entr
 derives the balance from arrival order:
 
 - the entries of a balance are ordered as the provider ordered them: by `created_at`, and within one
-  instant by chain linkage (the entry whose before equals the running state comes next; ties and
-  broken links fall back to the entry id, so the order depends only on the *set* of entries);
+  instant by chain linkage (an order in which every entry starts where the previous one ended,
+  searched with candidates in entry-id order; when no such order exists, the entry whose before
+  matches the running state, else a chain head, else the lowest id), so the order depends only on
+  the *set* of entries, never on their arrival;
 - the balance's current balance/overage are the after-values of the last entry in that order;
 - an entry whose before-values differ from the previous entry's after-values (or from zero for the
   first) follows a *gap*: an entry Tally has not received yet. The gap is recorded on the entry
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db import insert_ignoring_conflicts, utcnow
@@ -186,11 +188,16 @@ def ensure_provider_entitlement(session: Session, entitlement_id: str, provider:
 def note_display_precision(session: Session, entitlement_id: str, places: int) -> None:
     """Remember the most decimal places the provider used, so responses render as it does.
 
-    Only ever grows, so the outcome does not depend on the order events arrive in.
+    Only ever grows, so the outcome does not depend on the order events arrive in; one conditional
+    UPDATE, so concurrent writers cannot lose the larger value.
     """
-    row = session.get(ProviderEntitlement, entitlement_id)
-    if row is not None and places > row.display_precision:
-        row.display_precision = min(places, MIRROR_PRECISION)
+    places = min(places, MIRROR_PRECISION)
+    session.execute(
+        update(ProviderEntitlement)
+        .where(ProviderEntitlement.entitlement_id == entitlement_id, ProviderEntitlement.display_precision < places)
+        .values(display_precision=places, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
 
 
 def mirror_entry(session: Session, entry: ProviderEntry, *, inbox_event_id: int | None = None) -> LedgerEntry:
