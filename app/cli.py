@@ -82,8 +82,13 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from app.db import get_database
     from app.ledger.service import verify
 
+    from app.ledger.mirror import audit_mirrored
+
     with get_database().read() as session:
         problems = verify(session)
+        known_gaps = audit_mirrored(session).known_gaps
+    for gap in known_gaps:
+        print(f"notice: {gap}")
     for problem in problems:
         print(problem)
     if problems:

@@ -223,3 +223,155 @@ class ApiKey(Base):
     label: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+# --- mirrors of provider ledgers and Dodo subscription carts (issue #3) ---------------------------
+
+
+class ProviderEntitlement(Base):
+    """What Tally knows about a provider-owned entitlement beyond `credit_entitlements`.
+
+    Mirrored amounts are stored at precision 10 (the provider's maximum) because the payloads do not
+    carry the entitlement's precision; `display_precision` is the most decimal places seen in the
+    provider's own decimal strings, so responses render "250.00" as the provider does.
+    """
+
+    __tablename__ = "provider_entitlements"
+
+    entitlement_id: Mapped[str] = mapped_column(ForeignKey("credit_entitlements.id"), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    display_precision: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ProviderLedgerEntry(Base):
+    """The provider's side of a mirrored ledger entry: its id, type and fields, and its chain position.
+
+    `chain_position` is the entry's place in the provider's order (created_at, then before/after
+    linkage), recomputed when an entry arrives late. `follows_gap` marks an entry whose
+    balance/overage before differs from the previous entry's after (or from zero for the first):
+    a missing link left for reconciliation, with the values that were expected.
+    """
+
+    __tablename__ = "provider_ledger_entries"
+    __table_args__ = (
+        UniqueConstraint("provider", "external_id"),
+        Index("ix_provider_ledger_entries_balance_id_follows_gap", "balance_id", "follows_gap"),
+    )
+
+    ledger_entry_id: Mapped[int] = mapped_column(ForeignKey("ledger_entries.id"), primary_key=True)
+    balance_id: Mapped[int] = mapped_column(ForeignKey("balances.id"))
+    provider: Mapped[str] = mapped_column(String(16))
+    external_id: Mapped[str] = mapped_column(String(255))
+    transaction_type: Mapped[str] = mapped_column(String(64))
+    is_credit: Mapped[bool] = mapped_column(Boolean)
+    amount: Mapped[int] = mapped_column(BigInteger)  # the provider's (positive) amount, in atoms
+    provider_grant_id: Mapped[str | None] = mapped_column(String(255))
+    reference_type: Mapped[str | None] = mapped_column(String(255))
+    reference_id: Mapped[str | None] = mapped_column(String(255))
+    extra: Mapped[dict[str, Any] | None]  # metadata, brand_id, business_id as the provider sent them
+    chain_position: Mapped[int] = mapped_column(BigInteger, default=0)
+    follows_gap: Mapped[bool] = mapped_column(Boolean, default=False)
+    expected_balance_before: Mapped[int | None] = mapped_column(BigInteger)
+    expected_overage_before: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class SubscriptionCredit(Base):
+    """A Dodo subscription's `credit_entitlement_cart` line: the entitlement's terms on that subscription.
+
+    `reported_balance`/`reported_overage` are the provider's figures at snapshot time, kept for
+    reconciliation only; the balance itself moves only with mirrored ledger entries.
+    """
+
+    __tablename__ = "subscription_credits"
+    __table_args__ = (UniqueConstraint("subscription_id", "entitlement_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subscription_id: Mapped[str] = mapped_column(ForeignKey("subscriptions.id"))
+    entitlement_id: Mapped[str] = mapped_column(ForeignKey("credit_entitlements.id"))
+    product_id: Mapped[str | None] = mapped_column(String(255))
+    credits_amount: Mapped[int] = mapped_column(BigInteger)  # atoms at the entitlement's precision
+    overage_enabled: Mapped[bool] = mapped_column(Boolean)
+    overage_limit: Mapped[int | None] = mapped_column(BigInteger)  # atoms; None: unlimited
+    overage_behavior: Mapped[str | None] = mapped_column(String(64))
+    rollover_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    reported_balance: Mapped[int | None] = mapped_column(BigInteger)
+    reported_overage: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class SubscriptionMeter(Base):
+    """A usage meter attached to a Dodo subscription (`meters[]`), for usage features to join on."""
+
+    __tablename__ = "subscription_meters"
+    __table_args__ = (UniqueConstraint("subscription_id", "meter_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subscription_id: Mapped[str] = mapped_column(ForeignKey("subscriptions.id"))
+    meter_id: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(255))
+    description: Mapped[str | None] = mapped_column(Text)
+    currency: Mapped[str | None] = mapped_column(String(8))
+    free_threshold: Mapped[int] = mapped_column(BigInteger, default=0)
+    measurement_unit: Mapped[str | None] = mapped_column(String(255))
+    price_per_unit: Mapped[str | None] = mapped_column(String(64))  # decimal string, as the provider sends it
+
+
+class SubscriptionMeterCredit(Base):
+    """`meter_credit_entitlement_cart[]`: which meter draws on which entitlement, at what rate."""
+
+    __tablename__ = "subscription_meter_credits"
+    __table_args__ = (
+        UniqueConstraint("subscription_id", "meter_id", "entitlement_id", name="uq_subscription_meter_credits_key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subscription_id: Mapped[str] = mapped_column(ForeignKey("subscriptions.id"))
+    meter_id: Mapped[str] = mapped_column(String(255))
+    entitlement_id: Mapped[str] = mapped_column(String(255))
+    meter_name: Mapped[str | None] = mapped_column(String(255))
+    meter_units_per_credit: Mapped[str] = mapped_column(String(64))  # decimal string
+
+
+class CreditAlert(Base):
+    """A provider's low-balance alert (Dodo `credit.balance_low`), kept as received."""
+
+    __tablename__ = "credit_alerts"
+    __table_args__ = (Index("ix_credit_alerts_customer_id", "customer_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    inbox_event_id: Mapped[int] = mapped_column(ForeignKey("inbox_events.id"), unique=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(32))  # balance_low
+    customer_id: Mapped[str] = mapped_column(String(255))
+    subscription_id: Mapped[str | None] = mapped_column(String(255))
+    entitlement_id: Mapped[str] = mapped_column(String(255))
+    entitlement_name: Mapped[str | None] = mapped_column(String(255))
+    available_balance: Mapped[str] = mapped_column(String(64))  # decimal strings, as sent
+    subscription_credits_amount: Mapped[str | None] = mapped_column(String(64))
+    threshold_percent: Mapped[int | None] = mapped_column(Integer)
+    threshold_amount: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ProviderPayment(Base):
+    """The newest known state of a provider payment or refund (Dodo `payment.*`, `refund.*`)."""
+
+    __tablename__ = "provider_payments"
+    __table_args__ = (UniqueConstraint("provider", "object_id"), Index("ix_provider_payments_customer_id", "customer_id"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))  # payment | refund
+    object_id: Mapped[str] = mapped_column(String(255))
+    payment_id: Mapped[str | None] = mapped_column(String(255))  # a refund's payment
+    customer_id: Mapped[str | None] = mapped_column(String(255))
+    subscription_id: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str | None] = mapped_column(String(64))
+    amount: Mapped[int | None] = mapped_column(BigInteger)  # minor currency units, as sent
+    currency: Mapped[str | None] = mapped_column(String(8))
+    last_event_type: Mapped[str] = mapped_column(String(255))
+    # The inbox receipt time of the snapshot applied last: payloads are the state at delivery.
+    watermark_received_at: Mapped[datetime]
+    provider_created_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

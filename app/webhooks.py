@@ -14,6 +14,7 @@ from starlette.routing import Route
 from app.errors import ApiError
 from app.http import read_body, services
 from app.inbox.store import store_event, try_enqueue
+from app.providers.dodo.signature import verify_dodo_signature
 from app.providers.stripe.signature import verify_stripe_signature
 
 WEBHOOKS = Counter("tally_webhooks_total", "Webhook deliveries by provider and outcome", ["provider", "outcome"])
@@ -65,4 +66,25 @@ async def stripe_webhook(request: Request) -> JSONResponse:
                          body=body)
 
 
+async def dodo_webhook(request: Request) -> JSONResponse:
+    """
+    summary: Receive a Dodo Payments event, verified by Standard Webhooks headers; deduplicated on webhook-id
+    responses:
+      200: {description: stored (or a duplicate, ignored)}
+      400: {description: missing or malformed webhook-* headers, or a malformed body}
+      401: {description: signature does not verify, or webhook-timestamp is outside ±5 minutes}
+      413: {description: body over 1 MiB}
+      503: {description: database unavailable or no key configured; Dodo retries}
+    """
+    app = services(request)
+    if not app.settings.dodo_webhook_keys:
+        raise ApiError(503, "not_configured", "DODO_PAYMENTS_WEBHOOK_KEY is not set")
+    body = await read_body(request)
+    webhook_id = verify_dodo_signature(body, request.headers, app.settings.dodo_webhook_keys,
+                                       tolerance=app.settings.webhook_tolerance_seconds)
+    payload = _event_json(body)
+    return await _accept(request, provider="dodo", event_id=webhook_id, event_type=payload.get("type"), body=body)
+
+
 routes = [Route("/webhooks/stripe", stripe_webhook, methods=["POST"])]
+routes.append(Route("/webhooks/dodo", dodo_webhook, methods=["POST"]))

@@ -14,11 +14,13 @@ from app.db import Database, utcnow
 from app.errors import PayloadError
 from app.models import InboxEvent
 from app.providers.base import EventHandler, HandlerContext
+from app.providers.dodo.handlers import handle as handle_dodo
 from app.providers.stripe.handlers import handle as handle_stripe
 
 log = logging.getLogger(__name__)
 
 HANDLERS: dict[str, EventHandler] = {"stripe": handle_stripe}
+HANDLERS["dodo"] = handle_dodo
 
 EVENTS_APPLIED = Counter("tally_events_applied_total", "Inbox events finished, by outcome", ["provider", "status"])
 EVENT_FAILURES = Counter("tally_event_failures_total", "Failed attempts at applying an inbox event", ["provider"])
