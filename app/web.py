@@ -18,6 +18,7 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from app import webhooks
+from app.api import metering as metering_routes
 from app.api import routes as api_routes
 from app.api.auth import Authenticator
 from app.config import Settings, get_settings
@@ -117,6 +118,7 @@ def create_app(
         routes=[
             *webhooks.routes,
             *api_routes.routes,
+            *metering_routes.routes,
             Route("/healthz", healthz, include_in_schema=False),
             Route("/readyz", readyz, include_in_schema=False),
             Route("/metrics", metrics, include_in_schema=False),

@@ -319,6 +319,8 @@ def expire_all_due(session: Session, now: datetime | None = None) -> int:
         .join(Grant, Grant.balance_id == Balance.id)
         .where(Grant.expired_at.is_(None), Grant.expires_at <= now)
         .distinct()
+        # One global lock order (as the usage workers use), so concurrent lockers never deadlock.
+        .order_by(Balance.customer_id, Balance.entitlement_id)
     ).all()
     count = 0
     for customer_id, entitlement_id in balance_keys:
