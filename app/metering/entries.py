@@ -151,13 +151,13 @@ def create_ledger_entry(db: Database, catalogue: Catalogue, *, entitlement_id: s
             atoms = to_atoms(request.amount, entitlement.precision)
         except AmountError as error:
             raise ApiError(422, "invalid_amount", str(error)) from None
-        if request.expires_at is not None and request.expires_at <= now:
-            raise _invalid("expires_at must be in the future")
 
         balance = lock_balance(session, customer_id, entitlement_id)
         answered = _previous_answer(session, entitlement_id, customer_id, request)
         if answered is not None:
-            return answered
+            return answered  # before any check that depends on the time: a retry gets the first answer
+        if request.expires_at is not None and request.expires_at <= now:
+            raise _invalid("expires_at must be in the future")
         dedupe = f"api:{entitlement_id}:{customer_id}:{request.idempotency_key}"
         source = Source(idempotency_key=request.idempotency_key, description=request.reason)
         entry: LedgerEntry | None = None
