@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal, localcontext
 
@@ -83,72 +84,86 @@ def period_key(balance: Balance) -> str:
     return balance.period_start.isoformat() if balance.period_start is not None else ""
 
 
-def _period_usage(session: Session, balance: Balance, meter: MeterSpec) -> MeterUsage:
-    """The meter's aggregate for the balance's current period; created on first use (under the lock)."""
-    key = period_key(balance)
-    usage = session.execute(
-        select(MeterUsage).where(MeterUsage.customer_id == balance.customer_id, MeterUsage.meter_key == meter.key,
-                                 MeterUsage.period_key == key)
-    ).scalar_one_or_none()
-    if usage is None:
-        usage = MeterUsage(customer_id=balance.customer_id, meter_key=meter.key, entitlement_id=meter.entitlement,
-                           period_key=key, subscription_id=balance.subscription_id,
-                           period_start=balance.period_start, period_end=balance.period_end,
-                           event_count=0, consumed="0", charged=0)
-        session.add(usage)
-    return usage
+@dataclass
+class _ChunkState:
+    """What one transaction has locked and loaded, so that each event costs as few round trips as possible."""
+
+    balances: dict[tuple[str, str], Balance] = field(default_factory=dict)
+    usages: dict[tuple[str, str, str], MeterUsage] = field(default_factory=dict)
+
+    def usage(self, session: Session, balance: Balance, meter: MeterSpec) -> MeterUsage:
+        """The meter's aggregate for the balance's current period; a new (not yet added) one on first use."""
+        key = (balance.customer_id, meter.key, period_key(balance))
+        usage = self.usages.get(key)
+        if usage is None:
+            usage = session.execute(
+                select(MeterUsage).where(MeterUsage.customer_id == key[0], MeterUsage.meter_key == key[1],
+                                         MeterUsage.period_key == key[2])
+            ).scalar_one_or_none() or MeterUsage(
+                customer_id=balance.customer_id, meter_key=meter.key, entitlement_id=meter.entitlement,
+                period_key=key[2], subscription_id=balance.subscription_id, period_start=balance.period_start,
+                period_end=balance.period_end, event_count=0, consumed="0", charged=0)
+            self.usages[key] = usage
+        return usage
 
 
-def aggregate(meter: MeterSpec, usage: MeterUsage, value: Decimal, event: UsageEvent) -> Decimal:
-    """The period's aggregate once `event` (worth `value` units) is counted; updates the ordering marks."""
+def aggregate(meter: MeterSpec, usage: MeterUsage, value: Decimal, event: UsageEvent) -> tuple[Decimal, bool]:
+    """The period's aggregate once `event` (worth `value` units) is counted, and whether it is now the newest."""
     consumed = Decimal(usage.consumed)
     if meter.aggregation in ("count", "sum"):
-        return consumed + value
+        return consumed + value, False
     if meter.aggregation == "max":
-        return value if usage.event_count == 0 else max(consumed, value)
+        return max(consumed, value), False
     # last: the newest event by (timestamp, event_id) decides, whatever order they arrive in
     newest = usage.last_timestamp is None or (event.timestamp, event.event_id) >= (
         usage.last_timestamp, usage.last_event_id or "")
-    if newest:
-        usage.last_timestamp, usage.last_event_id = event.timestamp, event.event_id
-        return value
-    return consumed
+    return (value if newest else consumed), newest
 
 
-def _apply_meter(session: Session, event: UsageEvent, meter: MeterSpec, balances: dict[tuple[str, str], Balance],
-                 now: datetime) -> None:
+def _apply_meter(session: Session, event: UsageEvent, meter: MeterSpec, chunk: _ChunkState, now: datetime) -> None:
+    """Deduct what the event adds to one meter. Nothing is changed before a refusal can be raised."""
     entitlement = session.get(CreditEntitlement, meter.entitlement)
     if entitlement is None:
         raise UsageRefused("no_balance", f"entitlement {meter.entitlement!r} of meter {meter.key!r} does not exist yet")
     if entitlement.managed_by != "tally":
         raise UsageRefused("provider_managed", f"entitlement {meter.entitlement!r} is managed by {entitlement.managed_by}")
-    balance = balances.get((event.customer_id, meter.entitlement))
+    balance = chunk.balances.get((event.customer_id, meter.entitlement))
     if balance is None:
         raise UsageRefused("no_balance", f"customer {event.customer_id!r} has no balance in {meter.entitlement!r}")
     value = metered_value(meter, event.event_metadata)
-    usage = _period_usage(session, balance, meter)
-    consumed = aggregate(meter, usage, value, event)
+    usage = chunk.usage(session, balance, meter)
+    consumed, newest = aggregate(meter, usage, value, event)
     target = credits_for(consumed, meter.units_per_credit, entitlement.precision)
     charge = target - usage.charged
     if charge > 0:
-        deduct(session, balance, charge, now=now, source=Source(
+        deduct(session, balance, charge, now=now, known_new=True, source=Source(
             dedupe_key=f"usage:{event.event_id}:{meter.key}", usage_event_id=event.event_id,
             description=f"meter {meter.key}"))
         usage.charged = target
+    if usage.id is None and usage not in session:
+        session.add(usage)
+    if newest:
+        usage.last_timestamp, usage.last_event_id = event.timestamp, event.event_id
     usage.consumed = format_units(consumed)
     usage.event_count += 1
 
 
-def _apply_one(session: Session, catalogue: Catalogue, event: UsageEvent,
-               balances: dict[tuple[str, str], Balance], now: datetime) -> str:
-    """Apply one locked pending event in a savepoint; record a refusal instead of raising it."""
+def _apply_one(session: Session, catalogue: Catalogue, event: UsageEvent, chunk: _ChunkState, now: datetime) -> str:
+    """Apply one locked pending event whole, or record why it is refused instead of raising."""
     try:
         meters = meters_for(catalogue, event.event_name)
         if not meters:
             raise UsageRefused("unknown_meter", f"no meter counts events named {event.event_name!r}")
-        with session.begin_nested():
-            for meter in meters:
-                _apply_meter(session, event, meter, balances, now)
+        if len(meters) == 1:
+            _apply_meter(session, event, meters[0], chunk, now)  # refusals come before any change
+        else:
+            try:
+                with session.begin_nested():  # several meters: a refusal by one undoes the others
+                    for meter in meters:
+                        _apply_meter(session, event, meter, chunk, now)
+            except (LedgerError, AmountError):
+                chunk.usages.clear()  # aggregates changed inside the savepoint are stale now
+                raise
         event.status = "applied"
     except (LedgerError, AmountError) as refusal:
         event.status = "refused"
@@ -167,19 +182,20 @@ def _apply_chunk(session: Session, catalogue: Catalogue, ids: list[int], now: da
         return Counter()
     # Lock every balance the chunk touches up front, in one global order, so that two workers (or a
     # worker and the write API) never wait on each other in a cycle.
+    chunk = _ChunkState()
     pairs = sorted({(row.customer_id, meter.entitlement) for row in pending
                     for meter in meters_for(catalogue, row.event_name)})
-    balances: dict[tuple[str, str], Balance] = {}
     for customer_id, entitlement_id in pairs:
         try:
-            balances[(customer_id, entitlement_id)] = lock_balance(session, customer_id, entitlement_id, create=False)
+            chunk.balances[(customer_id, entitlement_id)] = lock_balance(session, customer_id, entitlement_id,
+                                                                         create=False)
         except UnknownBalance:
             pass
     events = session.execute(
         select(UsageEvent).where(UsageEvent.id.in_([row.id for row in pending]), UsageEvent.status == "pending")
         .order_by(UsageEvent.id).with_for_update()
     ).scalars().all()
-    return Counter(_apply_one(session, catalogue, event, balances, now) for event in events)
+    return Counter(_apply_one(session, catalogue, event, chunk, now) for event in events)
 
 
 def apply_usage_events(db: Database, catalogue: Catalogue, ids: Iterable[int], *, now: datetime | None = None,
