@@ -57,12 +57,26 @@ class PlanSpec:
 
 @dataclass(frozen=True)
 class MeterSpec:
+    """A Tally-native meter: which usage events it counts, how, and which entitlement it deducts from.
+
+    `name`, `free_threshold`, `price_per_unit` (major currency units, a decimal) and `currency` only
+    describe the meter in the usage history (seed 001); deductions use `units_per_credit`.
+    """
+
     key: str
     event_name: str
     entitlement: str
     aggregation: str = "count"
     metadata_key: str | None = None
     units_per_credit: Decimal = Decimal(1)
+    name: str | None = None
+    free_threshold: int = 0
+    price_per_unit: Decimal = Decimal(0)
+    currency: str = "USD"
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.key
 
 
 @dataclass(frozen=True)
@@ -194,6 +208,13 @@ def parse_catalogue(document: Mapping[str, Any]) -> Catalogue:
             units_per_credit = _decimal(table.get("units_per_credit", 1), f"meters.{key}.units_per_credit")
             if units_per_credit == 0:
                 raise CatalogueError([f"meters.{key}.units_per_credit must be above zero"])
+            free_threshold = table.get("free_threshold", 0)
+            if isinstance(free_threshold, bool) or not isinstance(free_threshold, int) or free_threshold < 0:
+                raise CatalogueError([f"meters.{key}.free_threshold must be a whole number of units, at least 0"])
+            price_per_unit = _decimal(table.get("price_per_unit", "0"), f"meters.{key}.price_per_unit")
+            currency = str(table.get("currency", "USD"))
+            if len(currency) != 3 or not currency.isalpha() or not currency.isupper():
+                raise CatalogueError([f"meters.{key}.currency must be a three-letter ISO code such as USD"])
         except CatalogueError as error:
             problems.extend(error.problems)
             continue
@@ -204,6 +225,10 @@ def parse_catalogue(document: Mapping[str, Any]) -> Catalogue:
             aggregation=aggregation,
             metadata_key=table.get("key"),
             units_per_credit=units_per_credit,
+            name=str(table["name"]) if table.get("name") else None,
+            free_threshold=free_threshold,
+            price_per_unit=price_per_unit,
+            currency=currency,
         )
     if problems:
         raise CatalogueError(problems)

@@ -19,6 +19,7 @@ from starlette.schemas import SchemaGenerator
 
 from app import webhooks
 from app.api import credits as credit_routes
+from app.api import metering as metering_routes
 from app.api import routes as api_routes
 from app.api.auth import Authenticator
 from app.config import Settings, get_settings
@@ -119,6 +120,7 @@ def create_app(
             *webhooks.routes,
             *api_routes.routes,
             *credit_routes.routes,
+            *metering_routes.routes,
             Route("/healthz", healthz, include_in_schema=False),
             Route("/readyz", readyz, include_in_schema=False),
             Route("/metrics", metrics, include_in_schema=False),

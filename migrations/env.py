@@ -9,6 +9,7 @@ from sqlalchemy import create_engine, pool
 
 from app.config import get_settings
 from app.models import Base
+import app.metering.models  # noqa: F401,E402  (registers the metering tables)
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -12,6 +12,7 @@ def schedule(scheduler: BaseScheduler) -> BaseScheduler:
 
     scheduler.add_job(actors.sweep_inbox.send, "interval", seconds=30, id="sweep-inbox", coalesce=True)
     scheduler.add_job(actors.expire_periods.send, "interval", seconds=60, id="expire-periods", coalesce=True)
+    scheduler.add_job(actors.sweep_usage_events.send, "interval", seconds=30, id="sweep-usage", coalesce=True)
     return scheduler
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from app.catalogue import EntitlementSpec
@@ -189,23 +189,25 @@ def grant(
                  overage_after=balance.overage, source=source, grant=new_grant)
 
 
+def _expire_grant(session: Session, balance: Balance, expiring: Grant, now: datetime) -> LedgerEntry | None:
+    """Close one grant past its expiry; what was left of it leaves the balance as an `expiry` entry."""
+    expiring.expired_at = now
+    if not expiring.remaining:
+        return None
+    entry = _post(session, balance, kind="expiry", balance_after=balance.balance - expiring.remaining,
+                  overage_after=balance.overage, grant=expiring, source=Source(dedupe_key=f"expiry:{expiring.id}"))
+    expiring.remaining = 0
+    return entry
+
+
 def expire_due_grants(session: Session, balance: Balance, now: datetime) -> list[LedgerEntry]:
     """Expire what is left of every grant past its expiry: one `expiry` entry per grant."""
     due = session.execute(
         select(Grant)
         .where(Grant.balance_id == balance.id, Grant.expired_at.is_(None), Grant.expires_at <= now)
         .order_by(Grant.starts_at, Grant.id)
-    ).scalars()
-    entries = []
-    for expiring in due:
-        expiring.expired_at = now
-        if expiring.remaining:
-            entries.append(
-                _post(session, balance, kind="expiry", balance_after=balance.balance - expiring.remaining,
-                      overage_after=balance.overage, grant=expiring,
-                      source=Source(dedupe_key=f"expiry:{expiring.id}")))
-            expiring.remaining = 0
-    return entries
+    ).scalars().all()
+    return [entry for expiring in due if (entry := _expire_grant(session, balance, expiring, now)) is not None]
 
 
 def reset_overage(session: Session, balance: Balance, *, dedupe_key: str, source: Source = Source()) -> LedgerEntry | None:
@@ -238,17 +240,33 @@ def check_deduction(balance: Balance, amount: int) -> Refusal | None:
 
 def deduct(
     session: Session, balance: Balance, amount: int, *, source: Source, now: datetime | None = None,
-    kind: str = "deduction",
+    kind: str = "deduction", known_new: bool = False,
 ) -> LedgerEntry:
-    """Take `amount` atoms: balance first (oldest grant first), then overage. All or nothing."""
+    """Take `amount` atoms: balance first (oldest grant first), then overage. All or nothing.
+
+    `known_new` skips the look-up of an earlier entry with the same dedupe key, for callers that hold a
+    lock proving the cause is new (the usage workers); the unique key still refuses a duplicate.
+    """
     if amount <= 0:
         raise LedgerError("a deduction must be above zero")
-    if source.dedupe_key:
+    if source.dedupe_key and not known_new:
         existing = find_entry(session, source.dedupe_key)
         if existing is not None:
             return existing
     now = now or utcnow()
-    expire_due_grants(session, balance, now)
+    # One read serves both steps: grants past their expiry are closed first, the rest are consumed.
+    candidates = session.execute(
+        select(Grant)
+        .where(Grant.balance_id == balance.id, Grant.expired_at.is_(None),
+               or_(Grant.remaining > 0, Grant.expires_at <= now))
+        .order_by(Grant.starts_at, Grant.id)
+    ).scalars().all()
+    live = []
+    for candidate in candidates:
+        if candidate.expires_at is not None and candidate.expires_at <= now:
+            _expire_grant(session, balance, candidate, now)
+        else:
+            live.append(candidate)
     refusal = check_deduction(balance, amount)
     if refusal is not None:
         error = LimitExceeded if refusal.code == "limit_exceeded" else InsufficientCredits
@@ -256,16 +274,11 @@ def deduct(
 
     from_balance = min(amount, balance.balance)
     remaining = from_balance
-    grants = session.execute(
-        select(Grant)
-        .where(Grant.balance_id == balance.id, Grant.remaining > 0, Grant.expired_at.is_(None))
-        .order_by(Grant.starts_at, Grant.id)
-    ).scalars()
-    for live in grants:
+    for grant_ in live:
         if remaining == 0:
             break
-        taken = min(live.remaining, remaining)
-        live.remaining -= taken
+        taken = min(grant_.remaining, remaining)
+        grant_.remaining -= taken
         remaining -= taken
     balance.period_used += amount
     return _post(session, balance, kind=kind, balance_after=balance.balance - from_balance,
@@ -319,6 +332,8 @@ def expire_all_due(session: Session, now: datetime | None = None) -> int:
         .join(Grant, Grant.balance_id == Balance.id)
         .where(Grant.expired_at.is_(None), Grant.expires_at <= now)
         .distinct()
+        # One global lock order (as the usage workers use), so concurrent lockers never deadlock.
+        .order_by(Balance.customer_id, Balance.entitlement_id)
     ).all()
     count = 0
     for customer_id, entitlement_id in balance_keys:
