@@ -80,19 +80,16 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from app.db import get_database
-    from app.ledger.service import verify
-
-    from app.ledger.mirror import audit_mirrored
+    from app.ledger.audit import audit
 
     with get_database().read() as session:
-        problems = verify(session)
-        known_gaps = audit_mirrored(session).known_gaps
-    for gap in known_gaps:
-        print(f"notice: {gap}")
-    for problem in problems:
+        report = audit(session)
+    for notice in report.notices:
+        print(f"notice: {notice}")
+    for problem in report.problems:
         print(problem)
-    if problems:
-        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+    if report.problems:
+        print(f"{len(report.problems)} problem(s) found", file=sys.stderr)
         return 1
     print("ledger verified: every balance matches its entries and every chain is unbroken")
     return 0

@@ -36,6 +36,8 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
+from dataclasses import replace  # noqa: E402
+
 from app.cli import migrate  # noqa: E402
 from app.config import get_settings  # noqa: E402
 from app.db import Database, get_database  # noqa: E402
@@ -46,6 +48,8 @@ from workers import actors  # noqa: E402
 SERVICE_TOKEN = "test-service-token-0123456789"
 STRIPE_SECRET = "whsec_current_test_secret"
 STRIPE_OLD_SECRET = "whsec_old_rotated_secret"
+DODO_KEY = "whsec_dGFsbHktZG9kby1jdXJyZW50LXRlc3Qta2V5LTAxMjM0NTY3"
+DODO_OLD_KEY = "whsec_dGFsbHktZG9kby1vbGQtcm90YXRlZC1rZXktNzY1NDMyMTA="
 
 
 def is_postgres() -> bool:
@@ -147,6 +151,19 @@ def server(db: Database) -> Iterator[LiveServer]:
 @pytest.fixture
 def http(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def dodo_server(db: Database) -> Iterator[LiveServer]:
+    settings = replace(get_settings(), dodo_webhook_keys=(DODO_OLD_KEY, DODO_KEY))
+    with LiveServer(create_app(settings, run_workers=False)) as live:
+        yield live
+
+
+@pytest.fixture
+def dodo_http(dodo_server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=dodo_server.url, timeout=30) as client:
         yield client
 
 

@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import httpx
-import pytest
 from standardwebhooks import Webhook
 
-from conftest import LiveServer
+from conftest import DODO_KEY, DODO_OLD_KEY  # noqa: F401  (re-exported for the Dodo tests)
 from app.config import get_settings
 from app.db import Database
 from app.inbox.processing import apply_event
 from app.inbox.store import store_event
 from app.models import InboxEvent
-from app.web import create_app
 
-DODO_KEY = "whsec_dGFsbHktZG9kby1jdXJyZW50LXRlc3Qta2V5LTAxMjM0NTY3"
-DODO_OLD_KEY = "whsec_dGFsbHktZG9kby1vbGQtcm90YXRlZC1rZXktNzY1NDMyMTA="
 
 EVENT_TYPES = {
     "credit_added": "credit.added",
@@ -39,19 +33,6 @@ EVENT_TYPES = {
     "overage_reset": "credit.overage_reset",
     "manual_adjustment": "credit.manual_adjustment",
 }
-
-
-@pytest.fixture(scope="session")
-def dodo_server(db: Database) -> Iterator[LiveServer]:
-    settings = replace(get_settings(), dodo_webhook_keys=(DODO_OLD_KEY, DODO_KEY))
-    with LiveServer(create_app(settings, run_workers=False)) as live:
-        yield live
-
-
-@pytest.fixture
-def dodo_http(dodo_server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=dodo_server.url, timeout=30) as client:
-        yield client
 
 
 def iso(moment: datetime) -> str:

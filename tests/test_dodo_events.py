@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import pytest
 from conftest import wait_for
-from dodo_builders import apply_now, cart_line, deliver, dodo_http, dodo_server, envelope, ledger_entry, subscription  # noqa: F401
+from dodo_builders import apply_now, cart_line, deliver, envelope, ledger_entry, subscription
 from sqlalchemy import func, select
 
 from app.models import (

@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from app.cli import main as tally
 from app.ledger.amounts import to_atoms
 from app.ledger.mirror import Link, order_chain
-from app.ledger.service import verify
+from app.ledger.audit import verify
 from app.models import Balance, InboxEvent, LedgerEntry, ProviderLedgerEntry
 
 CE = "cde_mirror"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from dodo_builders import DODO_KEY, DODO_OLD_KEY, deliver, dodo_http, dodo_server, sign, subscription  # noqa: F401
+from dodo_builders import DODO_OLD_KEY, deliver, sign, subscription
 from sqlalchemy import func, select
 
 from app.errors import ApiError

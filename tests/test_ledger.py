@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from app.billing.subscriptions import ensure_customer
 from app.catalogue import EntitlementSpec
 from app.db import Database
+from app.ledger.audit import verify
 from app.ledger.amounts import AmountError, format_atoms, to_atoms
 from app.ledger.service import (
     InsufficientCredits,
@@ -23,7 +24,6 @@ from app.ledger.service import (
     lock_balance,
     start_period,
     sync_entitlement,
-    verify,
 )
 from app.models import Balance, Grant, LedgerEntry
 
@@ -149,6 +149,11 @@ def test_verify_finds_a_tampered_balance_and_a_broken_chain(db):
         session.execute(update(LedgerEntry).where(LedgerEntry.kind == "deduction").values(balance_before=99))
     with db.read() as session:
         assert any("previous entry ended at (100, 0)" in line for line in verify(session))
+    with db.write() as session:
+        session.execute(update(LedgerEntry).where(LedgerEntry.kind == "deduction").values(balance_before=100))
+        session.execute(update(Grant).values(remaining=Grant.remaining + 5))
+    with db.read() as session:
+        assert verify(session) == ["balance 1 (cus_l/credits): balance 90 but its unexpired grants hold 95"]
 
 
 def test_ten_decimal_places_stay_exact(db):

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from app.config import get_settings
 from app.db import Database, utcnow
-from app.ledger.service import verify
+from app.ledger.audit import verify
 from app.metering import entries, ingest
 from app.metering.models import UsageEvent
 from app.metering.service import apply_usage_events

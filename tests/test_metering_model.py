@@ -25,7 +25,8 @@ from sqlalchemy import select
 from app.config import get_settings
 from app.db import get_database, utcnow
 from app.ledger.amounts import format_atoms
-from app.ledger.service import expire_all_due, verify
+from app.ledger.audit import verify
+from app.ledger.service import expire_all_due
 from app.metering import ingest
 from app.metering.models import UsageEvent
 from app.metering.service import apply_usage_events

@@ -14,7 +14,8 @@ from conftest import SERVICE_TOKEN, wait_for
 from metering_support import balance_of, post_entry
 
 from app.db import utcnow
-from app.ledger.service import expire_all_due, verify
+from app.ledger.audit import verify
+from app.ledger.service import expire_all_due
 from app.models import Balance, LedgerEntry
 
 DAY = 86400

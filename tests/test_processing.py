@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.db import Database
 from app.inbox.store import sweep
-from app.ledger.service import verify
+from app.ledger.audit import verify
 from app.models import Balance, InboxEvent, LedgerEntry, Subscription
 from app.web import create_app
 from workers import actors

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.catalogue import EntitlementSpec
@@ -342,51 +342,3 @@ def expire_all_due(session: Session, now: datetime | None = None) -> int:
         if balance.period_end is not None and balance.period_end <= now and balance.period_start is not None:
             reset_overage(session, balance, dedupe_key=f"overage_reset:{balance.id}:{balance.period_start.isoformat()}")
     return count
-
-
-# --- audit ---------------------------------------------------------------------------------------
-
-
-def verify(session: Session) -> list[str]:
-    """Every breach of the ledger's invariants, as readable lines (empty when all hold).
-
-    Balances mirrored from a provider's ledger are checked in the provider's order, with their
-    recorded gaps, by `app.ledger.mirror.audit_mirrored` (gaps are known, not breaches).
-    """
-    from app.ledger.mirror import audit_mirrored, mirrored_balance_ids
-
-    problems: list[str] = []
-    mirrored = mirrored_balance_ids(session)
-    sums = dict(
-        session.execute(select(LedgerEntry.balance_id, func.coalesce(func.sum(LedgerEntry.amount), 0))
-                        .group_by(LedgerEntry.balance_id)).all()
-    )
-    for balance in session.execute(select(Balance).order_by(Balance.id)).scalars():
-        if balance.id in mirrored:
-            continue
-        label = f"balance {balance.id} ({balance.customer_id}/{balance.entitlement_id})"
-        net = balance.balance - balance.overage
-        if net != sums.get(balance.id, 0):
-            problems.append(f"{label}: balance - overage = {net} but its entries sum to {sums.get(balance.id, 0)}")
-        if balance.balance < 0 or balance.overage < 0:
-            problems.append(f"{label}: negative balance or overage ({balance.balance}, {balance.overage})")
-        previous: tuple[int, int] = (0, 0)
-        count = 0
-        for entry in session.execute(
-            select(LedgerEntry).where(LedgerEntry.balance_id == balance.id).order_by(LedgerEntry.id)
-        ).scalars():
-            count += 1
-            if (entry.balance_before, entry.overage_before) != previous:
-                problems.append(f"{label}: entry {entry.id} starts at {(entry.balance_before, entry.overage_before)}"
-                                f" but the previous entry ended at {previous}")
-            if (entry.balance_after - entry.overage_after) - (entry.balance_before - entry.overage_before) != entry.amount:
-                problems.append(f"{label}: entry {entry.id} amount {entry.amount} does not match its before/after")
-            previous = (entry.balance_after, entry.overage_after)
-        if previous != (balance.balance, balance.overage):
-            problems.append(f"{label}: last entry ends at {previous}, balance is {(balance.balance, balance.overage)}")
-        if count != balance.entry_count:
-            problems.append(f"{label}: {count} entries but the balance counts {balance.entry_count}")
-        if balance.overage_limit is not None and balance.overage > balance.overage_limit:
-            problems.append(f"{label}: overage {balance.overage} is past its limit {balance.overage_limit}")
-    problems.extend(audit_mirrored(session).problems)
-    return problems
