@@ -48,12 +48,14 @@ def test_the_catalogue_is_checked(tmp_path: Path):
     plans = tmp_path / "plans.toml"
     plans.write_text('[plans.a]\nincluded = 10\nhard_cap = 5\nstripe_price = "p"\n'
                      '[plans.b]\nincluded = 1\n'
+                     '[plans.c]\nincluded = 1.5\nstripe_price = "q"\n'
                      '[meters.m]\nevent_name = "e"\nentitlement = "x"\naggregation = "sum"\n')
     with pytest.raises(ConfigError) as caught:
         settings_from_env({"TALLY_PLANS": str(plans)})
     text = "\n".join(caught.value.problems)
     assert "hard_cap (5) is below included (10)" in text
     assert "plans.b needs stripe_price" in text
+    assert "plans.c.included has more than the 0 decimal places" in text
     assert "meters.m.key is needed" in text
     assert settings_from_env({"TALLY_PLANS": str(Path(__file__).parent / "fixtures" / "plans.toml")}).catalogue.plans
 
