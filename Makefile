@@ -18,4 +18,5 @@ test: $(STAMP)
 	scripts/test
 
 bench: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(VENV)/bin/python bench/webhooks.py

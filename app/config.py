@@ -46,6 +46,7 @@ class Settings:
     retry_max_backoff_ms: int = 300_000
     sweep_after_seconds: int = 60
     worker_threads: int = 4
+    db_pool_size: int = 20
     webhook_tolerance_seconds: int = 300
 
     @property
@@ -152,6 +153,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         retry_max_backoff_ms=_int(env, "TALLY_RETRY_MAX_BACKOFF_MS", 300_000, problems),
         sweep_after_seconds=_int(env, "TALLY_SWEEP_AFTER_SECONDS", 60, problems),
         worker_threads=_int(env, "TALLY_WORKER_THREADS", 4, problems, minimum=1),
+        db_pool_size=_int(env, "TALLY_DB_POOL_SIZE", 20, problems, minimum=1),
     )
     if problems:
         raise ConfigError(problems)

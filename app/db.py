@@ -61,20 +61,22 @@ def insert_ignoring_conflicts(session: Session, table: Table, values: dict[str, 
 class Database:
     """One engine, and sessions that know whether they write."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+        """`pool_size` connections stay open; a burst past it opens (and closes) up to 10 more."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             self.engine = create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size, max_overflow=20
+                url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size, max_overflow=10
             )
             _configure_sqlite(self.engine)
         else:
             self.engine = create_engine(
                 url,
                 pool_size=pool_size,
-                max_overflow=20,
-                pool_pre_ping=True,
+                max_overflow=10,
+                # No pre-ping round trip per checkout: a connection found dead is discarded with its
+                # pool on the first error (the request answers 503, the provider retries).
                 connect_args={"connect_timeout": 3},
             )
         self._writer = sessionmaker(self.engine.execution_options(tally_write=True), expire_on_commit=False)
@@ -115,4 +117,5 @@ def _configure_sqlite(engine: Engine) -> None:
 @lru_cache(maxsize=1)
 def get_database() -> Database:
     """The process-wide database, built from the settings on first use."""
-    return Database(get_settings().database_url)
+    settings = get_settings()
+    return Database(settings.database_url, pool_size=settings.db_pool_size)

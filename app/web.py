@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
+import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.applications import Starlette
@@ -98,6 +99,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        # Handlers run their database work in threads: no more threads than pooled connections, or
+        # the surplus opens and closes a connection per request.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
         worker = scheduler = None
         if run_workers:
             from workers.broker import start_inprocess_worker

@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from app.errors import ApiError
 from app.http import read_body, services
-from app.inbox.store import store_event, try_enqueue
+from app.inbox.store import receive_event
 from app.providers.dodo.signature import verify_dodo_signature
 from app.providers.stripe.signature import verify_stripe_signature
 
@@ -35,12 +35,12 @@ async def _accept(request: Request, *, provider: str, event_id: Any, event_type:
         raise ApiError(400, "invalid_event", "the event needs a string id and type")
     app = services(request)
     inbox_event_id = await run_in_threadpool(
-        store_event, app.db, provider=provider, event_id=event_id, event_type=event_type, body=body.decode("utf-8")
+        receive_event, app.db, app.enqueue, provider=provider, event_id=event_id, event_type=event_type,
+        body=body.decode("utf-8"),
     )
     if inbox_event_id is None:
         WEBHOOKS.labels(provider, "duplicate").inc()
         return JSONResponse({"received": True, "duplicate": True})
-    await run_in_threadpool(try_enqueue, app.enqueue, inbox_event_id)
     WEBHOOKS.labels(provider, "stored").inc()
     return JSONResponse({"received": True, "duplicate": False})
 

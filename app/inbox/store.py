@@ -30,6 +30,15 @@ def store_event(db: Database, *, provider: str, event_id: str, event_type: str, 
         return None if inserted is None else int(inserted[0])
 
 
+def receive_event(db: Database, enqueue: Enqueue, *, provider: str, event_id: str, event_type: str,
+                  body: str) -> int | None:
+    """Store, commit, then ring: the webhook path in one call (one hop off the event loop)."""
+    inbox_event_id = store_event(db, provider=provider, event_id=event_id, event_type=event_type, body=body)
+    if inbox_event_id is not None:
+        try_enqueue(enqueue, inbox_event_id)
+    return inbox_event_id
+
+
 def try_enqueue(enqueue: Enqueue, inbox_event_id: int) -> bool:
     """Ring the doorbell; a broker outage is logged, not raised: the sweeper will ring again."""
     try:
