@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -38,8 +39,10 @@ def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-def authenticate(request: Request) -> Principal:
-    return services(request).authenticator.authenticate(request.headers.get("authorization"))
+async def authenticate(request: Request) -> Principal:
+    """The caller's principal; a token stored in the database is looked up off the event loop."""
+    authenticator = services(request).authenticator
+    return await run_in_threadpool(authenticator.authenticate, request.headers.get("authorization"))
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:

@@ -58,7 +58,7 @@ async def get_credit_usage(request: Request) -> JSONResponse:
       403: {description: a customer token asking about another customer's subscription}
       404: {description: unknown subscription}
     """
-    principal = authenticate(request)
+    principal = await authenticate(request)
     subscription_id = request.path_params["subscription_id"]
     return JSONResponse(await run_in_threadpool(_credit_usage, request, principal, subscription_id))
 
@@ -86,7 +86,7 @@ async def get_balance(request: Request) -> JSONResponse:
       403: {description: a customer token asking about another customer}
       404: {description: no such balance}
     """
-    principal = authenticate(request)
+    principal = await authenticate(request)
     entitlement_id, customer_id = request.path_params["credit_entitlement_id"], request.path_params["customer_id"]
     principal.check_customer(customer_id)
     return JSONResponse(await run_in_threadpool(_balance, request, entitlement_id, customer_id, False))
@@ -102,7 +102,7 @@ async def get_balance_ledger(request: Request) -> JSONResponse:
       404: {description: no such balance}
       422: {description: a bad page or filter}
     """
-    principal = authenticate(request)
+    principal = await authenticate(request)
     entitlement_id, customer_id = request.path_params["credit_entitlement_id"], request.path_params["customer_id"]
     principal.check_customer(customer_id)
     return JSONResponse(await run_in_threadpool(_balance, request, entitlement_id, customer_id, True))
@@ -127,7 +127,7 @@ async def get_credits(request: Request) -> JSONResponse:
       403: {description: a customer token asking for another customer}
       404: {description: unknown customer}
     """
-    principal = authenticate(request)
+    principal = await authenticate(request)
     customer_id = principal.customer_for(request.query_params.get("customer_id"))
     return JSONResponse(await run_in_threadpool(_credits, request, customer_id))
 

@@ -59,7 +59,7 @@ async def ingest_events(request: Request) -> JSONResponse:
       403: {description: not a service token}
       422: {description: a bad event, unknown customer or meter, a duplicate event_id, over 1000 events; nothing stored}
     """
-    _require_service(authenticate(request))
+    _require_service(await authenticate(request))
     payload = await _json(request, INGEST_MAX_BODY_BYTES)
     ids = await run_in_threadpool(_ingest, request, payload)
     if ids:
@@ -77,7 +77,7 @@ async def create_ledger_entry(request: Request) -> JSONResponse:
       409: {description: idempotency_key reused with a different body, or a provider-managed entitlement}
       422: {description: a bad amount (negative, zero, not a number, too precise) or body}
     """
-    _require_service(authenticate(request))
+    _require_service(await authenticate(request))
     entry_request = entries.parse_entry_request(await _json(request))
     app = services(request)
     status, body = await run_in_threadpool(
@@ -115,7 +115,7 @@ async def usage_history(request: Request) -> JSONResponse:
       404: {description: unknown subscription}
       422: {description: a bad filter or page_size over 100}
     """
-    principal = authenticate(request)
+    principal = await authenticate(request)
     return JSONResponse(await run_in_threadpool(_history, request, principal))
 
 

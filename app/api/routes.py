@@ -34,7 +34,7 @@ async def get_usage(request: Request) -> JSONResponse:
       403: {description: a customer token asking for another customer}
       404: {description: unknown customer}
     """
-    principal = authenticate(request)
+    principal = await authenticate(request)
     customer_id = principal.customer_for(request.query_params.get("customer_id"))
     return JSONResponse(await run_in_threadpool(_usage, request, customer_id))
 
