@@ -47,14 +47,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def insert_ignoring_conflicts_statement(session: Session, table: Table) -> Any:
+    """`INSERT … ON CONFLICT DO NOTHING` in the session's dialect (both databases have it)."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
 def insert_ignoring_conflicts(session: Session, table: Table, values: dict[str, Any]) -> Row[Any] | None:
-    """INSERT … ON CONFLICT DO NOTHING on either database: the new row's primary key, or None.
+    """Insert one row unless it conflicts: the new row's primary key, or None.
 
     This is how concurrent duplicates are absorbed: the unique constraint decides, not a prior read.
     RETURNING says for sure whether a row went in (rowcount can be -1 here on psycopg).
     """
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(table).values(**values).on_conflict_do_nothing()
+    statement = insert_ignoring_conflicts_statement(session, table).values(**values)
     return session.execute(statement.returning(*table.primary_key.columns)).first()
 
 

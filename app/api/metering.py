@@ -13,9 +13,9 @@ from starlette.routing import Route
 from app.api.auth import Principal
 from app.api.pagination import page_from
 from app.errors import ApiError
+from app.doorbell import ring
 from app.http import authenticate, read_body, services
 from app.metering import entries, history, ingest
-from app.metering.service import try_enqueue_batch
 from app.models import Subscription
 
 INGEST_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -63,7 +63,7 @@ async def ingest_events(request: Request) -> JSONResponse:
     payload = await _json(request, INGEST_MAX_BODY_BYTES)
     ids = await run_in_threadpool(_ingest, request, payload)
     if ids:
-        await run_in_threadpool(try_enqueue_batch, enqueue_usage, ids)
+        await run_in_threadpool(ring, enqueue_usage, ids)
     return JSONResponse({"ingested_count": len(ids)})
 
 

@@ -14,7 +14,6 @@ from app.billing.subscriptions import LIVE_STATUSES, current_subscription
 from app.ledger.amounts import from_atoms
 from app.models import Balance, CreditEntitlement, Subscription
 
-USAGE_STATUSES = ("ok", "approaching_limit", "in_overage", "limit_reached", "inactive")
 MIN_ELAPSED_FOR_PROJECTION = Decimal("0.01")
 """Below 1 % of a period there is no pace worth projecting from: `projected_used` is null."""
 

@@ -1,21 +1,17 @@
 """Storing events, and handing them to the workers after the commit.
 
-The inbox row is the durable record; a broker message is only a doorbell. So a webhook is committed
+The inbox row is the durable record; a broker message is only a doorbell (`app.doorbell`). So a webhook is committed
 first and enqueued second: if the broker is down the event waits and the sweeper rings again.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
-
 from app.db import Database, insert_ignoring_conflicts, utcnow
+from app.doorbell import claim_stale_pending, ring
 from app.models import InboxEvent
-
-log = logging.getLogger(__name__)
 
 Enqueue = Callable[[int], None]
 
@@ -35,34 +31,16 @@ def receive_event(db: Database, enqueue: Enqueue, *, provider: str, event_id: st
     """Store, commit, then ring: the webhook path in one call (one hop off the event loop)."""
     inbox_event_id = store_event(db, provider=provider, event_id=event_id, event_type=event_type, body=body)
     if inbox_event_id is not None:
-        try_enqueue(enqueue, inbox_event_id)
+        ring(enqueue, inbox_event_id)
     return inbox_event_id
-
-
-def try_enqueue(enqueue: Enqueue, inbox_event_id: int) -> bool:
-    """Ring the doorbell; a broker outage is logged, not raised: the sweeper will ring again."""
-    try:
-        enqueue(inbox_event_id)
-        return True
-    except Exception:  # any broker client error: redis, pika, connection refused …
-        log.warning("broker unavailable; inbox event %s waits for the sweeper", inbox_event_id, exc_info=True)
-        return False
 
 
 def sweep(db: Database, enqueue: Enqueue, *, older_than: timedelta, now: datetime | None = None, limit: int = 500) -> int:
     """Enqueue pending events that no worker has picked up within `older_than` (lost message, crash)."""
     now = now or utcnow()
-    cutoff = now - older_than
     with db.write() as session:
-        ids = session.execute(
-            select(InboxEvent.id)
-            .where(InboxEvent.status == "pending", InboxEvent.received_at <= cutoff,
-                   or_(InboxEvent.last_enqueued_at.is_(None), InboxEvent.last_enqueued_at <= cutoff))
-            .order_by(InboxEvent.id).limit(limit)
-        ).scalars().all()
-        if ids:
-            session.execute(update(InboxEvent).where(InboxEvent.id.in_(ids)).values(last_enqueued_at=now))
-    return sum(try_enqueue(enqueue, inbox_event_id) for inbox_event_id in ids)
+        ids = claim_stale_pending(session, InboxEvent, cutoff=now - older_than, now=now, limit=limit)
+    return sum(ring(enqueue, inbox_event_id) for inbox_event_id in ids)
 
 
 def replay(db: Database, enqueue: Enqueue, inbox_event_id: int) -> bool:
@@ -72,5 +50,5 @@ def replay(db: Database, enqueue: Enqueue, inbox_event_id: int) -> bool:
         if event is None or event.status != "failed":
             return False
         event.status, event.attempts, event.last_error = "pending", 0, None
-    try_enqueue(enqueue, inbox_event_id)
+    ring(enqueue, inbox_event_id)
     return True

@@ -16,11 +16,10 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.catalogue import Catalogue, MeterSpec
-from app.db import Database
+from app.db import Database, insert_ignoring_conflicts_statement
 from app.errors import ApiError
 from app.ledger.amounts import AmountError, parse_decimal
 from app.metering.models import UsageEvent
@@ -167,7 +166,6 @@ def store_batch(db: Database, events: list[NewEvent], now: datetime) -> list[int
              "last_enqueued_at": now} for event in events]
     with db.write() as session:
         _check_customers(session, events)
-        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(UsageEvent.__table__).on_conflict_do_nothing(index_elements=["event_id"])
+        statement = insert_ignoring_conflicts_statement(session, UsageEvent.__table__)
         return list(session.execute(statement.returning(UsageEvent.__table__.c.id), rows).scalars())
 

@@ -28,25 +28,23 @@ it is locked and its status checked in the same transaction as its deductions, w
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal, localcontext
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.catalogue import Catalogue, MeterSpec
 from app.db import Database, utcnow
+from app.doorbell import claim_stale_pending, ring
 from app.ledger.amounts import MAX_ATOMS, AmountError
 from app.ledger.service import LedgerError, Source, UnknownBalance, deduct, lock_balance
 from app.metering.ingest import meters_for, metered_value
 from app.metering.models import MeterUsage, UsageEvent
 from app.models import Balance, CreditEntitlement
-
-log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 200
 """Events applied per transaction: amortises the commit without holding balance locks for long."""
@@ -209,30 +207,12 @@ def apply_usage_events(db: Database, catalogue: Catalogue, ids: Iterable[int], *
     return outcomes
 
 
-def try_enqueue_batch(enqueue: EnqueueBatch, ids: list[int]) -> bool:
-    """Ring the workers' doorbell; a broker outage is logged, and the usage sweeper rings again."""
-    try:
-        enqueue(ids)
-        return True
-    except Exception:  # any broker client error
-        log.warning("broker unavailable; %d usage events wait for the sweeper", len(ids), exc_info=True)
-        return False
-
-
 def sweep_usage_events(db: Database, enqueue: EnqueueBatch, *, older_than: timedelta, now: datetime | None = None,
                        limit: int = 5000, batch: int = 500) -> int:
     """Enqueue usage events still pending after `older_than` (lost message, crash, broker outage)."""
     now = now or utcnow()
-    cutoff = now - older_than
     with db.write() as session:
-        ids = list(session.execute(
-            select(UsageEvent.id)
-            .where(UsageEvent.status == "pending", UsageEvent.received_at <= cutoff,
-                   or_(UsageEvent.last_enqueued_at.is_(None), UsageEvent.last_enqueued_at <= cutoff))
-            .order_by(UsageEvent.id).limit(limit)
-        ).scalars())
-        if ids:
-            session.execute(update(UsageEvent).where(UsageEvent.id.in_(ids)).values(last_enqueued_at=now))
+        ids = claim_stale_pending(session, UsageEvent, cutoff=now - older_than, now=now, limit=limit)
     for start in range(0, len(ids), batch):
-        try_enqueue_batch(enqueue, ids[start:start + batch])
+        ring(enqueue, ids[start:start + batch])
     return len(ids)
