@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.api.pagination import Page
-from app.ledger.amounts import from_atoms
+from app.ledger.amounts import from_atoms, json_number
 from app.models import (
     Balance,
     CreditEntitlement,
@@ -42,11 +42,6 @@ TRANSACTION_TYPES = {
 }
 USAGE_KINDS = ("deduction", "overage_charge")
 """Entries that count as usage in `/credits`."""
-
-
-def json_number(value: Decimal) -> int | float:
-    """Seed 004's totals are JSON numbers: an integer when whole, else the nearest double."""
-    return int(value) if value == value.to_integral_value() else float(value)
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.billing.subscriptions import LIVE_STATUSES, current_subscription
-from app.ledger.amounts import from_atoms
+from app.ledger.amounts import from_atoms, json_number
 from app.models import Balance, CreditEntitlement, Subscription
 
 MIN_ELAPSED_FOR_PROJECTION = Decimal("0.01")
@@ -20,11 +20,6 @@ MIN_ELAPSED_FOR_PROJECTION = Decimal("0.01")
 
 def iso(moment: datetime | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
-
-
-def _number(value: Decimal) -> int | float:
-    """Credits as the seed prints them: integers, or plain decimals for fractional units."""
-    return int(value) if value == value.to_integral_value() else float(value)
 
 
 def _period(start: datetime | None, end: datetime | None, now: datetime) -> tuple[dict[str, Any] | None, Decimal]:
@@ -91,7 +86,7 @@ def usage_document(session: Session, customer_id: str, *, now: datetime, approac
     percent = (used / included * 100) if included else zero
     projected = None
     if period is not None and fraction >= MIN_ELAPSED_FOR_PROJECTION:
-        projected = _number((used / fraction).to_integral_value())
+        projected = json_number((used / fraction).to_integral_value())
 
     return {
         "customer_id": customer_id,
@@ -109,13 +104,13 @@ def usage_document(session: Session, customer_id: str, *, now: datetime, approac
         "as_of": iso(now),
         "period": period,
         "credits": {
-            "included": _number(included),
-            "used": _number(used),
-            "remaining": _number(remaining),
-            "overage": _number(overage),
+            "included": json_number(included),
+            "used": json_number(used),
+            "remaining": json_number(remaining),
+            "overage": json_number(overage),
             "percent_used": float(round(percent, 2)),
             "projected_used": projected,
-            "hard_cap": "unlimited" if hard_cap is None else _number(hard_cap),
+            "hard_cap": "unlimited" if hard_cap is None else json_number(hard_cap),
             "in_overage": overage > 0,
         },
     }

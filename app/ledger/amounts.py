@@ -43,3 +43,8 @@ def from_atoms(atoms: int, precision: int) -> Decimal:
 def format_atoms(atoms: int, precision: int) -> str:
     """A decimal string with exactly `precision` places, as the Dodo seeds return balances."""
     return f"{from_atoms(atoms, precision):.{precision}f}"
+
+
+def json_number(value: Decimal) -> int | float:
+    """A JSON number where a seed wants one: an integer when whole, else the nearest double."""
+    return int(value) if value == value.to_integral_value() else float(value)
