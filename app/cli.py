@@ -12,6 +12,9 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from app.config import ConfigError, Settings, get_settings
+from app.db import get_database
+from app.queue import build_broker
+from app.tasks import Jobs, declare_jobs, run_clock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,16 +51,19 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         print("tally worker: no broker configured (REDIS_URL or BROKER_URL); "
               "the embedded default runs its workers inside `tally serve`", file=sys.stderr)
         return 2
-    argv = [sys.executable, "-m", "dramatiq", "workers.actors",
+    argv = [sys.executable, "-m", "dramatiq", "workers.process",
             "--processes", str(args.processes), "--threads", str(args.threads)]
     os.execv(sys.executable, argv)
     return 0  # not reached
 
 
-def cmd_clock(settings: Settings, args: argparse.Namespace) -> int:
-    from workers.clock import run_forever
+def jobs_for(settings: Settings) -> Jobs:
+    """This process's doorbells and actors on the configured broker."""
+    return declare_jobs(build_broker(settings), settings, get_database())
 
-    run_forever()
+
+def cmd_clock(settings: Settings, args: argparse.Namespace) -> int:
+    run_clock(jobs_for(settings))
     return 0
 
 
@@ -67,8 +73,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
-    from app.api.auth import create_key
-    from app.db import get_database
+    from app.keys import create_key
 
     scope = "service" if args.service else "customer"
     token = create_key(get_database(), scope=scope, customer_id=args.customer, label=args.label)
@@ -79,7 +84,6 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
-    from app.db import get_database
     from app.ledger.audit import audit
 
     with get_database().read() as session:
@@ -96,7 +100,6 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_events_list(settings: Settings, args: argparse.Namespace) -> int:
-    from app.db import get_database
     from app.models import InboxEvent
 
     with get_database().read() as session:
@@ -114,7 +117,6 @@ def cmd_events_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_events_show(settings: Settings, args: argparse.Namespace) -> int:
-    from app.db import get_database
     from app.models import InboxEvent
 
     with get_database().read() as session:
@@ -133,11 +135,9 @@ def cmd_events_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_events_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from app.db import get_database
     from app.inbox.store import replay
-    from workers.actors import enqueue
 
-    ok = replay(get_database(), enqueue, args.id)
+    ok = replay(get_database(), jobs_for(settings).enqueue_event, args.id)
     print(f"inbox event {args.id} {'re-enqueued' if ok else 'is not a failed event; nothing done'}")
     if ok and settings.broker_kind == "inprocess":
         print("(embedded default: the running `tally serve` sweeper applies it within a minute)")

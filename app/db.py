@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from app.config import get_settings
+from app.times import utcnow as utcnow
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -43,8 +45,16 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+@dataclass(frozen=True)
+class Page:
+    """A window of a listing: `size` rows from page `number` (from 0)."""
+
+    size: int
+    number: int
+
+    @property
+    def offset(self) -> int:
+        return self.size * self.number
 
 
 def insert_ignoring_conflicts_statement(session: Session, table: Table) -> Any:

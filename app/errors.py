@@ -26,6 +26,24 @@ class InvalidInput(TallyError):
     code = "invalid_request"
 
 
+class Malformed(InvalidInput):
+    """The request cannot even be read: not JSON, a header that does not parse, a missing signature."""
+
+    code = "malformed_request"
+
+
+class TooLarge(InvalidInput):
+    """The request is bigger than Tally reads."""
+
+    code = "too_large"
+
+
+class Refused(TallyError):
+    """A well-formed request the ledger declines by its rules (a limit, no credit left)."""
+
+    code = "refused"
+
+
 class NotFound(TallyError):
     """What the request names does not exist."""
 
@@ -61,10 +79,3 @@ class PayloadError(TallyError):
 
     code = "malformed_payload"
 
-
-class ApiError(Exception):
-    """Being replaced by the kinds above (re-layering in progress)."""
-
-    def __init__(self, status: int, code: str, message: str):
-        self.status, self.code, self.message = status, code, message
-        super().__init__(f"{status} {code}: {message}")

@@ -6,7 +6,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,15 +17,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
-from app import webhooks
 from app.api import credits as credit_routes
 from app.api import metering as metering_routes
-from app.api import routes as api_routes
+from app.api import usage as usage_routes
+from app.api import webhooks
 from app.api.auth import Authenticator
+from app.api.http import EXCEPTION_HANDLERS, Services, services
 from app.config import Settings, get_settings
 from app.db import Database, get_database, utcnow
-from app.http import EXCEPTION_HANDLERS, Services, services
-from app.inbox.store import Enqueue
+from app.queue import build_broker, ping, start_inprocess_worker
+from app.tasks import Jobs, declare_jobs, start_clock_in_background
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +66,18 @@ def database_check(db: Database) -> Callable[[], None]:
     return check
 
 
-def broker_check(broker: Any) -> Callable[[], None]:
-    def check() -> None:
-        client = getattr(broker, "client", None)
-        if client is not None:
-            client.ping()  # redis
-        elif hasattr(broker, "connection"):
-            _ = broker.connection  # rabbitmq: opens (or reuses) this thread's connection
-
-    return check
-
-
 def create_app(
     settings: Settings | None = None,
     *,
     db: Database | None = None,
-    enqueue: Enqueue | None = None,
-    broker: Any = None,
+    jobs: Jobs | None = None,
     clock: Callable[[], datetime] = utcnow,
     run_workers: bool | None = None,
 ) -> Starlette:
     """Build the app. With the in-process broker it also runs the workers and the clock itself."""
     settings = settings or get_settings()
     db = db or get_database()
-    if enqueue is None or broker is None:
-        from workers import actors
-
-        enqueue = enqueue or actors.enqueue
-        broker = broker or actors.broker
+    jobs = jobs or declare_jobs(build_broker(settings), settings, db)
     if run_workers is None:
         run_workers = settings.broker_kind == "inprocess"
 
@@ -104,11 +88,8 @@ def create_app(
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
         worker = scheduler = None
         if run_workers:
-            from workers.broker import start_inprocess_worker
-            from workers.clock import start_in_background
-
-            worker = start_inprocess_worker(broker, settings.worker_threads)
-            scheduler = start_in_background()
+            worker = start_inprocess_worker(jobs.broker, settings.worker_threads)
+            scheduler = start_clock_in_background(jobs)
             log.info("in-process broker: %s worker threads and the clock run inside this process",
                      settings.worker_threads)
         try:
@@ -122,7 +103,7 @@ def create_app(
     app = Starlette(
         routes=[
             *webhooks.routes,
-            *api_routes.routes,
+            *usage_routes.routes,
             *credit_routes.routes,
             *metering_routes.routes,
             Route("/healthz", healthz, include_in_schema=False),
@@ -130,15 +111,16 @@ def create_app(
             Route("/metrics", metrics, include_in_schema=False),
             Route("/openapi.json", openapi, include_in_schema=False),
         ],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.services = Services(
         settings=settings,
         db=db,
-        enqueue=enqueue,
+        enqueue_event=jobs.enqueue_event,
+        enqueue_usage=jobs.enqueue_usage,
         authenticator=Authenticator(db, settings.api_keys),
         clock=clock,
-        ready_checks={"database": database_check(db), "broker": broker_check(broker)},
+        ready_checks={"database": database_check(db), "broker": lambda: ping(jobs.broker)},
     )
     return app

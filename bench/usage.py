@@ -6,7 +6,7 @@ Needs PostgreSQL and Redis (the production shape):
 
 1. Bare inserts: the same number of single-row INSERTs, each its own transaction, into a scratch
    table, from this process: the floor any durable per-event work stands on.
-2. Throughput: events are stored as ingest stores them, then one `dramatiq workers.actors` process
+2. Throughput: events are stored as ingest stores them, then one `dramatiq workers.process` process
    (1 process, 8 threads) is handed the batches; the clock runs from the first enqueue to the last
    event applied. Each batch belongs to one customer, as a service reporting its own users would send.
 3. Latency: single-event `POST /events/ingest` calls against the app under uvicorn; from the answer
@@ -109,7 +109,7 @@ def main() -> None:
     bare_rate = args.events / (time.perf_counter() - started)
 
     # 2. one worker process applying stored events
-    worker = subprocess.Popen([sys.executable, "-m", "dramatiq", "workers.actors", "--processes", "1",
+    worker = subprocess.Popen([sys.executable, "-m", "dramatiq", "workers.process", "--processes", "1",
                                "--threads", "8", "--queues", actors.USAGE_QUEUE], cwd=ROOT, env=os.environ.copy(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

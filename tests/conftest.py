@@ -42,8 +42,12 @@ from app.cli import migrate  # noqa: E402
 from app.config import get_settings  # noqa: E402
 from app.db import Database, get_database  # noqa: E402
 from app.models import Base  # noqa: E402
+from app.queue import build_broker  # noqa: E402
+from app.tasks import declare_jobs  # noqa: E402
 from app.web import create_app  # noqa: E402
-from workers import actors  # noqa: E402
+
+JOBS = declare_jobs(build_broker(get_settings()), get_settings(), get_database())
+"""The suite's actors and doorbells on the configured broker: every app and worker in a test shares them."""
 
 SERVICE_TOKEN = "test-service-token-0123456789"
 STRIPE_SECRET = "whsec_current_test_secret"
@@ -76,10 +80,10 @@ def db() -> Iterator[Database]:
     database = get_database()
     _reset_schema(database)
     if get_settings().broker_kind == "redis":
-        actors.broker.client.flushdb()
+        JOBS.broker.client.flushdb()
     elif get_settings().broker_kind == "rabbitmq":
-        for queue in actors.broker.get_declared_queues():
-            actors.broker.flush(queue)
+        for queue in JOBS.broker.get_declared_queues():
+            JOBS.broker.flush(queue)
     yield database
     database.dispose()
 
@@ -88,7 +92,7 @@ def db() -> Iterator[Database]:
 def clean_tables(db: Database) -> Iterator[None]:
     """Empty every table and queue after each test, so no test sees another's rows or messages."""
     yield
-    actors.broker.flush_all()
+    JOBS.broker.flush_all()
     tables = [table.name for table in reversed(Base.metadata.sorted_tables)]
     with db.engine.begin() as connection:
         if db.is_sqlite:
@@ -101,12 +105,12 @@ def clean_tables(db: Database) -> Iterator[None]:
 @pytest.fixture
 def worker(db: Database) -> Iterator[dramatiq.Worker]:
     """Real Dramatiq worker threads consuming the configured broker (in-process, Redis or RabbitMQ)."""
-    running = dramatiq.Worker(actors.broker, worker_threads=4, worker_timeout=50)
+    running = dramatiq.Worker(JOBS.broker, worker_threads=4, worker_timeout=50)
     running.start()
     yield running
     running.stop()
     # Dramatiq leaves a stopped worker's middleware on the broker; drop it so the next worker is alone.
-    actors.broker.middleware[:] = [m for m in actors.broker.middleware if type(m).__name__ != "_WorkerMiddleware"]
+    JOBS.broker.middleware[:] = [m for m in JOBS.broker.middleware if type(m).__name__ != "_WorkerMiddleware"]
 
 
 def _free_port() -> int:
@@ -144,7 +148,7 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def server(db: Database) -> Iterator[LiveServer]:
-    with LiveServer(create_app(run_workers=False)) as live:
+    with LiveServer(create_app(jobs=JOBS, run_workers=False)) as live:
         yield live
 
 
@@ -157,7 +161,7 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def dodo_server(db: Database) -> Iterator[LiveServer]:
     settings = replace(get_settings(), dodo_webhook_keys=(DODO_OLD_KEY, DODO_KEY))
-    with LiveServer(create_app(settings, run_workers=False)) as live:
+    with LiveServer(create_app(settings, jobs=JOBS, run_workers=False)) as live:
         yield live
 
 

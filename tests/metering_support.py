@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from app.billing.subscriptions import ensure_customer
+from app.api.metering import entry_answer
 from app.config import get_settings
 from app.db import Database, utcnow
 from app.metering import entries
@@ -25,11 +26,11 @@ def new_customer(db: Database, prefix: str = "cus") -> str:
 
 def post_entry(db: Database, entitlement_id: str, customer_id: str, entry_type: str, amount: str, *,
                key: str | None = None, now: datetime | None = None, **extra: Any) -> tuple[int, dict[str, Any]]:
-    """The write API's service, called as the route calls it."""
+    """The write API's service, called and answered as the route does: (status, body)."""
     request = entries.parse_entry_request({"entry_type": entry_type, "amount": amount,
                                            "idempotency_key": key or uuid.uuid4().hex, **extra})
-    return entries.create_ledger_entry(db, get_settings().catalogue, entitlement_id=entitlement_id,
-                                       customer_id=customer_id, request=request, now=now or utcnow())
+    return entry_answer(entries.create_ledger_entry(db, get_settings().catalogue, entitlement_id=entitlement_id,
+                                                    customer_id=customer_id, request=request, now=now or utcnow()))
 
 
 def balance_of(db: Database, customer_id: str, entitlement_id: str) -> Balance | None:

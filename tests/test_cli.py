@@ -12,7 +12,7 @@ from builders import deliver, event, subscription_object
 from conftest import wait_for
 from sqlalchemy import select, update
 
-from app.api.auth import hash_token
+from app.keys import hash_token
 from app.models import ApiKey, Balance, InboxEvent
 
 

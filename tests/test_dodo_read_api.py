@@ -11,7 +11,7 @@ from dodopayments.types.credit_entitlements import CreditLedgerEntry, CustomerCr
 from dodopayments.types.subscription_retrieve_credit_usage_response import SubscriptionRetrieveCreditUsageResponse
 from sqlalchemy import select
 
-from app.api.auth import hash_token
+from app.keys import hash_token
 from app.cli import main as tally
 from app.models import ApiKey
 

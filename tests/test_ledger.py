@@ -13,11 +13,10 @@ from app.catalogue import EntitlementSpec
 from app.db import Database
 from app.ledger.audit import verify
 from app.ledger.amounts import AmountError, format_atoms, to_atoms
+from app.ledger.errors import InsufficientCredits, LimitExceeded
+from app.ledger.posting import Source
 from app.ledger.service import (
-    InsufficientCredits,
-    LimitExceeded,
     PeriodTerms,
-    Source,
     deduct,
     expire_all_due,
     grant,

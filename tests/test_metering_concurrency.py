@@ -14,6 +14,7 @@ from typing import Any
 from metering_support import balance_of, entry_count, new_customer, post_entry
 from sqlalchemy import func, select
 
+from app.api.metering import entry_answer
 from app.config import get_settings
 from app.db import Database, utcnow
 from app.ledger.audit import verify
@@ -43,8 +44,8 @@ def test_64_concurrent_debits_never_pass_the_overage_limit(db):
         request = entries.parse_entry_request({"entry_type": "debit", "amount": "0.25", "idempotency_key": f"d{n}"})
         with own_pool.engine.connect():  # hold a connection of our own while everyone lines up
             start.wait(timeout=60)
-        return entries.create_ledger_entry(own_pool, catalogue, entitlement_id="tokens", customer_id=customer,
-                                           request=request, now=utcnow())
+        return entry_answer(entries.create_ledger_entry(own_pool, catalogue, entitlement_id="tokens",
+                                                        customer_id=customer, request=request, now=utcnow()))
 
     try:
         with ThreadPoolExecutor(max_workers=THREADS) as pool:

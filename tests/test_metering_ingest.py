@@ -14,7 +14,7 @@ from builders import deliver, event, subscription_object
 from conftest import wait_for
 from metering_support import balance_of, entry_count, new_customer, post_entry, usage_event, usage_event_count
 
-from app.api.auth import create_key
+from app.keys import create_key
 from app.config import get_settings
 from app.db import utcnow
 from app.metering import ingest
@@ -232,7 +232,7 @@ def test_usage_on_a_provider_managed_entitlement_is_refused(db):
 
 @pytest.mark.broker
 def test_the_sweeper_enqueues_events_whose_doorbell_was_lost(db, worker):
-    from workers import actors
+    from conftest import JOBS
 
     from app.metering.service import sweep_usage_events
 
@@ -240,7 +240,7 @@ def test_the_sweeper_enqueues_events_whose_doorbell_was_lost(db, worker):
     post_entry(db, "seats", customer, "credit", "10")
     ids = ingest_directly(db, [{"event_id": f"{customer}-lost", "customer_id": customer,
                                 "event_name": "seats_reported", "metadata": {"seats": 4}}])  # never enqueued
-    assert sweep_usage_events(db, actors.enqueue_usage, older_than=timedelta(0), now=utcnow() + timedelta(seconds=1)) == 1
+    assert sweep_usage_events(db, JOBS.enqueue_usage, older_than=timedelta(0), now=utcnow() + timedelta(seconds=1)) == 1
     wait_for(lambda: usage_event(db, f"{customer}-lost").status == "applied", what="the swept event")
     assert balance_of(db, customer, "seats").balance == 6
     assert ids

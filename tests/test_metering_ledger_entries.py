@@ -8,7 +8,7 @@ import dodopayments
 import pytest
 from metering_support import balance_of, entry_count, new_customer
 
-from app.api.auth import create_key
+from app.keys import create_key
 from app.models import CreditEntitlement
 
 ROUTE = "/credit-entitlements/{ce}/balances/{customer}/ledger-entries"

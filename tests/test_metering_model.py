@@ -153,13 +153,14 @@ class LedgerAgainstModel(RuleBasedStateMachine):
     @precondition(lambda self: self.requests)
     @rule(data=st.data())
     def reuse_a_key_with_another_body(self, data: st.DataObject) -> None:
-        from app.errors import ApiError
+        from app.api.errors import status_for
+        from app.metering.entries import IdempotencyConflict
 
         body, _, _ = data.draw(st.sampled_from(self.requests))
         try:
             self._post({**body, "amount": format_atoms(7777, PRECISION)})
-        except ApiError as error:
-            assert (error.status, error.code) == (409, "idempotency_conflict")
+        except IdempotencyConflict as error:
+            assert (status_for(error), error.code) == (409, "idempotency_conflict")
         else:
             raise AssertionError("a reused key with a different body was accepted")
 

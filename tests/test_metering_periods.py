@@ -126,7 +126,7 @@ def test_usage_history_parses_with_the_official_sdk(db, http, worker, server, se
 
 
 def test_usage_history_is_private_to_the_subscriptions_customer(db, http):
-    from app.api.auth import create_key
+    from app.keys import create_key
     from app.models import Subscription
     from metering_support import new_customer
 

@@ -18,12 +18,14 @@ def scratch_url(tmp_path: Path) -> str:
     url = get_settings().database_url
     if url.startswith("sqlite"):
         return f"sqlite:///{tmp_path}/migrations.db"
+    base, name = url.rsplit("/", 1)
+    scratch = f"{name}_migrations_check"  # beside the test database, so parallel suites never share it
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
-        connection.execute(text("DROP DATABASE IF EXISTS tally_migrations_check"))
-        connection.execute(text("CREATE DATABASE tally_migrations_check"))
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{scratch}"'))
+        connection.execute(text(f'CREATE DATABASE "{scratch}"'))
     engine.dispose()
-    return url.rsplit("/", 1)[0] + "/tally_migrations_check"
+    return f"{base}/{scratch}"
 
 
 def test_upgrade_matches_the_models_and_downgrade_reverses_it(tmp_path: Path):

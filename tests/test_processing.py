@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from builders import deliver, event, invoice_paid, subscription_object
-from conftest import LiveServer, wait_for
+from conftest import JOBS, LiveServer, wait_for
 from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import event as sa_event
 from sqlalchemy import select
@@ -25,7 +25,7 @@ from app.inbox.store import sweep
 from app.ledger.audit import verify
 from app.models import Balance, InboxEvent, LedgerEntry, Subscription
 from app.web import create_app
-from workers import actors
+from app.tasks import declare_jobs
 
 pytestmark = pytest.mark.broker
 
@@ -199,7 +199,7 @@ def test_exhausted_retries_dead_letter_the_event_and_replay_applies_it(db, http,
 
     from app.inbox.store import replay
 
-    assert replay(db, actors.enqueue, failed.id) is True
+    assert replay(db, JOBS.enqueue_event, failed.id) is True
     assert settle(db, 1) == {"evt_dead": "processed"}
     assert entries(db, "cus_dead") == [("grant", 5000, 5000, 0)]
 
@@ -224,8 +224,7 @@ def test_unknown_types_are_skipped_not_failed(db, http, worker):
 
 def test_broker_down_still_acknowledges_and_the_sweeper_delivers_later(db, worker):
     dead_broker = RedisBroker(url="redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
-    app = create_app(get_settings(), enqueue=lambda inbox_id: actors.enqueue(inbox_id, via=dead_broker),
-                     broker=dead_broker, run_workers=False)
+    app = create_app(get_settings(), jobs=declare_jobs(dead_broker, get_settings(), db), run_workers=False)
     now = int(time.time())
     with LiveServer(app) as live, httpx.Client(base_url=live.url) as client:
         response = deliver(client, event("evt_nobroker", "customer.subscription.created",
@@ -234,6 +233,6 @@ def test_broker_down_still_acknowledges_and_the_sweeper_delivers_later(db, worke
         assert client.get("/readyz").status_code == 503
     time.sleep(0.2)
     assert statuses(db) == {"evt_nobroker": "pending"}  # safe in the inbox, nobody rang
-    assert sweep(db, actors.enqueue, older_than=timedelta(0)) == 1
+    assert sweep(db, JOBS.enqueue_event, older_than=timedelta(0)) == 1
     assert settle(db, 1) == {"evt_nobroker": "processed"}
     assert entries(db, "cus_nb") == [("grant", 5000, 5000, 0)]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from builders import deliver, event, sign, subscription_object
-from conftest import STRIPE_OLD_SECRET, STRIPE_SECRET, LiveServer
+from conftest import STRIPE_OLD_SECRET, STRIPE_SECRET, LiveServer, JOBS
 from sqlalchemy import func, select
 
 from app.config import get_settings
@@ -138,7 +138,7 @@ def test_twenty_parallel_deliveries_of_one_event_store_it_once(db, http):
 
 def test_database_down_answers_503_so_the_provider_retries(db):
     dead = Database("postgresql+psycopg://postgres@127.0.0.1:1/test")
-    app = create_app(get_settings(), db=dead, run_workers=False)
+    app = create_app(get_settings(), db=dead, jobs=JOBS, run_workers=False)
     with LiveServer(app) as live, httpx.Client(base_url=live.url) as client:
         body = a_body()
         response = post(client, body, sign(body))
@@ -149,7 +149,7 @@ def test_database_down_answers_503_so_the_provider_retries(db):
 def test_no_secret_configured_answers_503_not_500(db):
     from dataclasses import replace
 
-    app = create_app(replace(get_settings(), stripe_webhook_secrets=()), run_workers=False)
+    app = create_app(replace(get_settings(), stripe_webhook_secrets=()), jobs=JOBS, run_workers=False)
     with LiveServer(app) as live, httpx.Client(base_url=live.url) as client:
         body = a_body()
         response = post(client, body, sign(body, STRIPE_SECRET))

@@ -6,16 +6,16 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from conftest import SERVICE_TOKEN, LiveServer
+from conftest import SERVICE_TOKEN, LiveServer, JOBS
 
-from app.api.auth import create_key
+from app.keys import create_key
 from app.billing.snapshots import Watermark
 from app.billing.subscriptions import SubscriptionSnapshot, apply_subscription_snapshot, ensure_customer
 from app.config import get_settings
 from app.db import Database
-from app.ledger.service import Source, deduct, lock_balance
-from app.providers.base import HandlerContext
-from app.providers.stripe.handlers import open_plan_period
+from app.billing.plans import open_plan_period
+from app.ledger.posting import Source
+from app.ledger.service import deduct, lock_balance
 from app.web import create_app
 
 SEED_EXAMPLE = {
@@ -49,7 +49,7 @@ def subscribe(db: Database, customer: str, sub_id: str, *, status: str = "active
                                         period_end=end, cancel_at_period_end=False, canceled_at=None,
                                         ended_at=None, plan_key=plan.key)
         assert apply_subscription_snapshot(session, snapshot, Watermark(at=1, rank=0, event_id=f"evt_{sub_id}"))
-        open_plan_period(session, HandlerContext(settings.catalogue, start), plan, customer_id=customer,
+        open_plan_period(session, settings.catalogue, plan, customer_id=customer,
                          subscription_id=sub_id, start=start, end=end, source=Source())
         if used:
             balance = lock_balance(session, customer, settings.catalogue.entitlement_for(plan).id)
@@ -57,7 +57,7 @@ def subscribe(db: Database, customer: str, sub_id: str, *, status: str = "active
 
 
 def usage_at(db: Database, moment: datetime, **params: str) -> httpx.Response:
-    app = create_app(get_settings(), db=db, clock=lambda: moment, run_workers=False)
+    app = create_app(get_settings(), db=db, clock=lambda: moment, jobs=JOBS, run_workers=False)
     with LiveServer(app) as live, httpx.Client(base_url=live.url) as client:
         return client.get("/usage", params=params, headers={"Authorization": f"Bearer {SERVICE_TOKEN}"})
 

@@ -1,1 +1,1 @@
-"""Dramatiq workers and the clock. Importing `workers.actors` configures the broker from the settings."""
+"""The worker process entry (`workers.process`): the only module that wires a broker at import, for Dramatiq's CLI."""

@@ -16,8 +16,9 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from app.api.pagination import Page
+from app.db import Page
 from app.ledger.amounts import from_atoms, json_number
+from app.ledger.limits import limit_reached, remaining_headroom
 from app.models import (
     Balance,
     CreditEntitlement,
@@ -27,6 +28,7 @@ from app.models import (
     Subscription,
     SubscriptionCredit,
 )
+from app.times import render_optional
 
 # Tally's entry kinds as Dodo transaction types, for entries Tally wrote itself.
 TRANSACTION_TYPES = {
@@ -44,13 +46,6 @@ USAGE_KINDS = ("deduction", "overage_charge")
 """Entries that count as usage in `/credits`."""
 
 
-def iso(moment: datetime | None) -> str | None:
-    """RFC 3339 in UTC with a Z, keeping microseconds when there are any (provider ledger times have them)."""
-    if moment is None:
-        return None
-    return moment.isoformat().replace("+00:00", "Z")
-
-
 @dataclass(frozen=True)
 class Format:
     """How to render one entitlement's atoms."""
@@ -63,9 +58,6 @@ class Format:
         exponent = value.normalize().as_tuple().exponent
         needed = -exponent if isinstance(exponent, int) and exponent < 0 else 0
         return f"{value:.{min(max(self.display_precision, needed), self.precision)}f}"
-
-    def number(self, atoms: int) -> Decimal:
-        return from_atoms(atoms, self.precision)
 
 
 def format_for(session: Session, entitlement: CreditEntitlement) -> Format:
@@ -86,18 +78,9 @@ def find_balance(session: Session, customer_id: str, entitlement_id: str) -> Bal
 
 def usage_status(entitlement: CreditEntitlement, balance: Balance | None, *, overage_enabled: bool,
                  overage_limit: int | None, fmt: Format) -> dict[str, Any]:
-    """One CreditEntitlementUsageStatus.
-
-    `limit_reached`: with overage enabled and a limit, overage >= limit (Dodo's rule); with unlimited
-    overage, never; with overage disabled, when the balance is exhausted, since then every further
-    deduction would need overage and fails. `remaining_headroom` is null unless there is a limit.
-    """
+    """One CreditEntitlementUsageStatus; the limit rules are the ledger's (`app.ledger.limits`)."""
     amount, overage = (balance.balance, balance.overage) if balance else (0, 0)
-    limited = overage_enabled and overage_limit is not None
-    if limited:
-        limit_reached = overage >= overage_limit  # type: ignore[operator]
-    else:
-        limit_reached = (not overage_enabled) and amount <= 0
+    headroom = remaining_headroom(overage, overage_enabled=overage_enabled, overage_limit=overage_limit)
     return {
         "credit_entitlement_id": entitlement.id,
         "credit_entitlement_name": entitlement.name,
@@ -106,8 +89,8 @@ def usage_status(entitlement: CreditEntitlement, balance: Balance | None, *, ove
         "overage": fmt.render(overage),
         "overage_enabled": overage_enabled,
         "overage_limit": None if overage_limit is None else fmt.render(overage_limit),
-        "remaining_headroom": fmt.render(max(overage_limit - overage, 0)) if limited else None,  # type: ignore[operator]
-        "limit_reached": limit_reached,
+        "remaining_headroom": None if headroom is None else fmt.render(headroom),
+        "limit_reached": limit_reached(amount, overage, overage_enabled=overage_enabled, overage_limit=overage_limit),
     }
 
 
@@ -151,9 +134,9 @@ def balance_document(session: Session, balance: Balance) -> dict[str, Any]:
         "credit_entitlement_id": balance.entitlement_id,
         "balance": fmt.render(balance.balance),
         "overage": fmt.render(balance.overage),
-        "created_at": iso(balance.created_at),
-        "updated_at": iso(balance.updated_at),
-        "last_transaction_at": iso(balance.last_transaction_at),
+        "created_at": render_optional(balance.created_at),
+        "updated_at": render_optional(balance.updated_at),
+        "last_transaction_at": render_optional(balance.last_transaction_at),
     }
 
 
@@ -193,7 +176,7 @@ def _entry_document(entry: LedgerEntry, provider: ProviderLedgerEntry | None, ba
         "metadata": extra.get("metadata") or {},
         "brand_id": extra.get("brand_id", ""),
         "business_id": extra.get("business_id", ""),
-        "created_at": iso(entry.created_at),
+        "created_at": render_optional(entry.created_at),
     }
 
 

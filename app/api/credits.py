@@ -6,7 +6,6 @@ Read models live in `app.api.credit_documents`.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -24,27 +23,17 @@ from app.api.credit_documents import (
     ledger_document,
 )
 from app.api.pagination import page_from
-from app.errors import ApiError
-from app.http import authenticate, services
+from app.api.params import instant_param
+from app.errors import NotFound
+from app.api.http import authenticate, services
 from app.models import Customer, Subscription
-
-
-def _date_param(request: Request, name: str) -> datetime | None:
-    raw = request.query_params.get(name)
-    if not raw:
-        return None
-    try:
-        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(422, "invalid_parameter", f"{name} must be an ISO 8601 date or timestamp") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _credit_usage(request: Request, principal: Principal, subscription_id: str) -> dict[str, Any]:
     with services(request).db.read() as session:
         subscription = session.get(Subscription, subscription_id)
         if subscription is None:
-            raise ApiError(404, "not_found", f"no subscription {subscription_id!r}")
+            raise NotFound(f"no subscription {subscription_id!r}")
         principal.check_customer(subscription.customer_id)
         return credit_usage_document(session, subscription)
 
@@ -66,12 +55,12 @@ async def get_credit_usage(request: Request) -> JSONResponse:
 def _balance(request: Request, entitlement_id: str, customer_id: str, page_request: bool) -> dict[str, Any]:
     page = page_from(request.query_params) if page_request else None
     filters = LedgerFilter(request.query_params.get("transaction_type") or None,
-                           _date_param(request, "start_date"), _date_param(request, "end_date"))
+                           instant_param(request.query_params, "start_date"),
+                           instant_param(request.query_params, "end_date"))
     with services(request).db.read() as session:
         balance = find_balance(session, customer_id, entitlement_id)
         if balance is None:
-            raise ApiError(404, "not_found",
-                           f"no balance for customer {customer_id!r} in credit entitlement {entitlement_id!r}")
+            raise NotFound(f"no balance for customer {customer_id!r} in credit entitlement {entitlement_id!r}")
         if page is None:
             return balance_document(session, balance)
         return ledger_document(session, balance, page, filters)
@@ -111,7 +100,7 @@ async def get_balance_ledger(request: Request) -> JSONResponse:
 def _credits(request: Request, customer_id: str) -> dict[str, Any]:
     with services(request).db.read() as session:
         if session.get(Customer, customer_id) is None:
-            raise ApiError(404, "customer_not_found", f"no customer {customer_id!r}")
+            raise NotFound(f"no customer {customer_id!r}", code="customer_not_found")
         return credits_document(session, customer_id)
 
 

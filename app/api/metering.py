@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -11,12 +10,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from app.api.auth import Principal
+from app.api.http import authenticate, read_json, services
 from app.api.pagination import page_from
-from app.errors import ApiError
+from app.api.params import instant_param
 from app.doorbell import ring
-from app.http import authenticate, read_body, services
+from app.errors import Forbidden
+from app.ledger.amounts import format_atoms
 from app.metering import entries, history, ingest
 from app.models import Subscription
+from app.times import render_instant
 
 INGEST_MAX_BODY_BYTES = 4 * 1024 * 1024
 """1000 events with metadata can pass the 1 MiB of other routes."""
@@ -24,22 +26,7 @@ INGEST_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 def _require_service(principal: Principal) -> None:
     if principal.scope != "service":
-        raise ApiError(403, "forbidden", "only service tokens may write usage and ledger entries")
-
-
-async def _json(request: Request, limit: int | None = None) -> Any:
-    body = await read_body(request, limit) if limit else await read_body(request)
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-
-
-def enqueue_usage(ids: list[int]) -> None:
-    """The workers' doorbell for newly stored usage events (imported late: workers configure the broker)."""
-    from workers import actors
-
-    actors.enqueue_usage(ids)
+        raise Forbidden("only service tokens may write usage and ledger entries")
 
 
 def _ingest(request: Request, payload: Any) -> list[int]:
@@ -60,11 +47,34 @@ async def ingest_events(request: Request) -> JSONResponse:
       422: {description: a bad event, unknown customer or meter, a duplicate event_id, over 1000 events; nothing stored}
     """
     _require_service(await authenticate(request))
-    payload = await _json(request, INGEST_MAX_BODY_BYTES)
+    payload = await read_json(request, INGEST_MAX_BODY_BYTES)
     ids = await run_in_threadpool(_ingest, request, payload)
     if ids:
-        await run_in_threadpool(ring, enqueue_usage, ids)
+        await run_in_threadpool(ring, services(request).enqueue_usage, ids)
     return JSONResponse({"ingested_count": len(ids)})
+
+
+def entry_answer(outcome: entries.EntryOutcome) -> tuple[int, dict[str, Any]]:
+    """The status and body of a decision: Dodo's BalanceCreateLedgerEntryResponse, or the refusal."""
+    if outcome.entry is None:
+        return 400, {"code": outcome.refusal_code, "message": outcome.refusal_message}
+    entry, request, precision = outcome.entry, outcome.request, outcome.entitlement.precision
+    return 201, {
+        "id": str(entry.id),
+        "amount": format_atoms(outcome.atoms, precision),
+        "balance_before": format_atoms(entry.balance_before, precision),
+        "balance_after": format_atoms(entry.balance_after, precision),
+        "overage_before": format_atoms(entry.overage_before, precision),
+        "overage_after": format_atoms(entry.overage_after, precision),
+        "created_at": render_instant(entry.created_at),
+        "credit_entitlement_id": outcome.entitlement.id,
+        "customer_id": outcome.customer_id,
+        "entry_type": request.entry_type,
+        "is_credit": request.entry_type == "credit",
+        "metadata": request.metadata,
+        "grant_id": str(entry.grant_id) if entry.grant_id is not None else None,
+        "reason": request.reason,
+    }
 
 
 async def create_ledger_entry(request: Request) -> JSONResponse:
@@ -78,11 +88,13 @@ async def create_ledger_entry(request: Request) -> JSONResponse:
       422: {description: a bad amount (negative, zero, not a number, too precise) or body}
     """
     _require_service(await authenticate(request))
-    entry_request = entries.parse_entry_request(await _json(request))
+    entry_request = entries.parse_entry_request(await read_json(request))
     app = services(request)
-    status, body = await run_in_threadpool(
-        entries.create_ledger_entry, app.db, app.settings.catalogue, entitlement_id=request.path_params["credit_entitlement_id"],
-        customer_id=request.path_params["customer_id"], request=entry_request, now=app.clock())
+    outcome = await run_in_threadpool(
+        entries.create_ledger_entry, app.db, app.settings.catalogue,
+        entitlement_id=request.path_params["credit_entitlement_id"], customer_id=request.path_params["customer_id"],
+        request=entry_request, now=app.clock())
+    status, body = entry_answer(outcome)
     return JSONResponse(body, status_code=status)
 
 
@@ -90,8 +102,8 @@ def _history(request: Request, principal: Principal) -> dict[str, Any]:
     app = services(request)
     params = request.query_params
     page = page_from(params)
-    query = history.HistoryQuery(start_date=history.parse_instant(params.get("start_date"), "start_date"),
-                                 end_date=history.parse_instant(params.get("end_date"), "end_date"),
+    query = history.HistoryQuery(start_date=instant_param(params, "start_date"),
+                                 end_date=instant_param(params, "end_date"),
                                  meter_id=params.get("meter_id") or None)
     subscription_id = request.path_params["subscription_id"]
     with app.db.read() as session:

@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from starlette.datastructures import QueryParams
 
-from app.errors import ApiError
+from app.api.params import invalid_parameter, whole_param
+from app.db import Page
 
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 100
 
 
-@dataclass(frozen=True)
-class Page:
-    size: int
-    number: int
-
-    @property
-    def offset(self) -> int:
-        return self.size * self.number
-
-
-def _whole(params: QueryParams, name: str, default: int) -> int:
-    raw = params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_parameter", f"{name} must be a whole number") from None
-    if value < 0:
-        raise ApiError(422, "invalid_parameter", f"{name} must not be negative")
-    return value
-
-
 def page_from(params: QueryParams) -> Page:
-    size = _whole(params, "page_size", DEFAULT_PAGE_SIZE)
+    size = whole_param(params, "page_size", DEFAULT_PAGE_SIZE)
     if size > MAX_PAGE_SIZE:
-        raise ApiError(422, "invalid_parameter", f"page_size must be at most {MAX_PAGE_SIZE}")
-    return Page(size=size or DEFAULT_PAGE_SIZE, number=_whole(params, "page_number", 0))
+        raise invalid_parameter(f"page_size must be at most {MAX_PAGE_SIZE}")
+    return Page(size=size or DEFAULT_PAGE_SIZE, number=whole_param(params, "page_number", 0))

@@ -35,13 +35,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db import insert_ignoring_conflicts, utcnow
-from app.ledger.service import LedgerError, ProviderManaged, find_entry, lock_balance
+from app.ledger.errors import LedgerError, ProviderManaged
+from app.ledger.posting import Position, Posting, Source, State, net, post_one, reposition
+from app.ledger.service import find_entry, lock_balance
 from app.models import Balance, CreditEntitlement, LedgerEntry, ProviderEntitlement, ProviderLedgerEntry
 
 MIRROR_PRECISION = 10
 """Atoms of mirrored amounts: the provider's payloads do not say the entitlement's precision (0–10)."""
 
-State = tuple[int, int]  # (balance, overage) in atoms
 ZERO: State = (0, 0)
 
 
@@ -154,10 +155,6 @@ def order_chain(links: Sequence[Link], start: State = ZERO) -> list[Placed]:
     return placed
 
 
-def _net(state: State) -> int:
-    return state[0] - state[1]
-
-
 # --- writing -------------------------------------------------------------------------------------
 
 
@@ -216,14 +213,13 @@ def mirror_entry(session: Session, entry: ProviderEntry, *, inbox_event_id: int 
         return existing
     before: State = (entry.balance_before, entry.overage_before)
     after: State = (entry.balance_after, entry.overage_after)
-    ledger_entry = LedgerEntry(
-        balance_id=balance.id, kind=entry.kind, amount=_net(after) - _net(before),
-        balance_before=before[0], balance_after=after[0], overage_before=before[1], overage_after=after[1],
-        dedupe_key=entry.dedupe_key, inbox_event_id=inbox_event_id, external_id=entry.external_id,
-        description=entry.description, created_at=entry.created_at,
-    )
-    session.add(ledger_entry)
-    session.flush()
+    newest = balance.last_transaction_at is None or entry.created_at > balance.last_transaction_at
+    current: State = (balance.balance, balance.overage)
+    ledger_entry = post_one(session, balance, Posting(
+        balance.id, entry.kind, after, entry.created_at,
+        Source(dedupe_key=entry.dedupe_key, inbox_event_id=inbox_event_id, external_id=entry.external_id,
+               description=entry.description),
+        before=before, moves_balance=newest))
     provider_row = ProviderLedgerEntry(
         ledger_entry_id=ledger_entry.id, balance_id=balance.id, provider=entry.provider,
         external_id=entry.external_id, transaction_type=entry.transaction_type, is_credit=entry.is_credit,
@@ -231,15 +227,10 @@ def mirror_entry(session: Session, entry: ProviderEntry, *, inbox_event_id: int 
         reference_id=entry.reference_id, extra=entry.extra or None,
     )
     session.add(provider_row)
-    balance.entry_count += 1
-    newest = balance.last_transaction_at
-    if newest is None or entry.created_at > newest:
+    if newest:
         # The common case: the newest entry so far goes at the end and the chain before it stands.
-        current: State = (balance.balance, balance.overage)
         provider_row.chain_position = balance.entry_count - 1
         _mark_gap(provider_row, None if before == current else current)
-        balance.balance, balance.overage = after
-        balance.last_transaction_at = entry.created_at
         session.flush()
     else:
         session.flush()
@@ -275,8 +266,7 @@ def rechain(session: Session, balance: Balance) -> None:
         _mark_gap(row, item.expected_before)
     if placed:
         last = placed[-1].link
-        balance.balance, balance.overage = last.after
-        balance.last_transaction_at = last.created_at
+        reposition(balance, Position(last.after, balance.entry_count, last.created_at))
     session.flush()
 
 
@@ -308,7 +298,7 @@ def verify_mirrored(session: Session, balance: Balance, label: str) -> MirrorAud
         row = rows[item.link.key]
         recorded = (row.expected_balance_before, row.expected_overage_before) if row.follows_gap else None
         if item.expected_before is not None:
-            jumps += item.link.before[0] - item.link.before[1] - _net(item.expected_before)
+            jumps += item.link.before[0] - item.link.before[1] - net(item.expected_before)
             if recorded != item.expected_before:
                 audit.problems.append(f"{label}: an unrecorded gap before provider entry {row.external_id}: "
                                       f"expected {item.expected_before}, it starts at {item.link.before}")

@@ -1,4 +1,4 @@
-"""Ledger operations. Every change to a balance goes through `_post`, under the balance's row lock.
+"""Ledger operations on Tally-kept balances, under the balance's row lock; they write through `posting`.
 
 Rules, after TigerBeetle's transfers:
 - a cause (a grant's source, a usage event, an API idempotency key, a provider ledger entry) is a
@@ -10,7 +10,7 @@ Rules, after TigerBeetle's transfers:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import or_, select
@@ -19,34 +19,10 @@ from sqlalchemy.orm import Session
 from app.catalogue import EntitlementSpec
 from app.db import insert_ignoring_conflicts, utcnow
 from app.ledger.amounts import to_atoms
+from app.ledger.errors import InsufficientCredits, LedgerError, LimitExceeded, ProviderManaged, UnknownBalance
+from app.ledger.limits import deduction_refusal
+from app.ledger.posting import Posting, Source, post, post_one
 from app.models import Balance, CreditEntitlement, Grant, LedgerEntry
-
-
-class LedgerError(Exception):
-    """A refused ledger operation; `code` is what the API reports."""
-
-    code = "ledger_error"
-
-    def __init__(self, message: str):
-        self.message = message
-        super().__init__(message)
-
-
-class LimitExceeded(LedgerError):
-    code = "limit_exceeded"
-
-
-class InsufficientCredits(LedgerError):
-    code = "insufficient_credits"
-
-
-class ProviderManaged(LedgerError):
-    code = "provider_managed"
-
-
-class UnknownBalance(LedgerError):
-    code = "not_found"
-
 
 # --- entitlements and balances -------------------------------------------------------------------
 
@@ -110,57 +86,6 @@ def find_entry(session: Session, dedupe_key: str) -> LedgerEntry | None:
     return session.execute(select(LedgerEntry).where(LedgerEntry.dedupe_key == dedupe_key)).scalar_one_or_none()
 
 
-@dataclass(frozen=True)
-class Source:
-    """Why an entry exists; `dedupe_key` makes the cause count once."""
-
-    dedupe_key: str | None = None
-    inbox_event_id: int | None = None
-    usage_event_id: str | None = None
-    idempotency_key: str | None = None
-    external_id: str | None = None
-    description: str | None = None
-
-
-def _post(
-    session: Session,
-    balance: Balance,
-    *,
-    kind: str,
-    balance_after: int,
-    overage_after: int,
-    source: Source,
-    grant: Grant | None = None,
-    at: datetime | None = None,
-) -> LedgerEntry:
-    """Append one entry and move the (locked) balance with it."""
-    at = at or utcnow()
-    amount = (balance_after - overage_after) - (balance.balance - balance.overage)
-    entry = LedgerEntry(
-        balance_id=balance.id,
-        kind=kind,
-        amount=amount,
-        balance_before=balance.balance,
-        balance_after=balance_after,
-        overage_before=balance.overage,
-        overage_after=overage_after,
-        grant_id=grant.id if grant else None,
-        dedupe_key=source.dedupe_key,
-        inbox_event_id=source.inbox_event_id,
-        usage_event_id=source.usage_event_id,
-        idempotency_key=source.idempotency_key,
-        external_id=source.external_id,
-        description=source.description,
-        created_at=at,
-    )
-    session.add(entry)
-    balance.balance, balance.overage = balance_after, overage_after
-    balance.entry_count += 1
-    balance.last_transaction_at = at
-    session.flush()
-    return entry
-
-
 def grant(
     session: Session,
     balance: Balance,
@@ -184,9 +109,9 @@ def grant(
     )
     session.add(new_grant)
     session.flush()
-    source = Source(**{**source.__dict__, "dedupe_key": f"grant:{source_key}"})
-    return _post(session, balance, kind=kind, balance_after=balance.balance + amount,
-                 overage_after=balance.overage, source=source, grant=new_grant)
+    return post_one(session, balance, Posting(
+        balance.id, kind, (balance.balance + amount, balance.overage), utcnow(),
+        replace(source, dedupe_key=f"grant:{source_key}"), grant_id=new_grant.id))
 
 
 def _expire_grant(session: Session, balance: Balance, expiring: Grant, now: datetime) -> LedgerEntry | None:
@@ -194,8 +119,9 @@ def _expire_grant(session: Session, balance: Balance, expiring: Grant, now: date
     expiring.expired_at = now
     if not expiring.remaining:
         return None
-    entry = _post(session, balance, kind="expiry", balance_after=balance.balance - expiring.remaining,
-                  overage_after=balance.overage, grant=expiring, source=Source(dedupe_key=f"expiry:{expiring.id}"))
+    entry = post_one(session, balance, Posting(
+        balance.id, "expiry", (balance.balance - expiring.remaining, balance.overage), utcnow(),
+        Source(dedupe_key=f"expiry:{expiring.id}"), grant_id=expiring.id))
     expiring.remaining = 0
     return entry
 
@@ -214,28 +140,8 @@ def reset_overage(session: Session, balance: Balance, *, dedupe_key: str, source
     """Clear the accrued overage at a period's end (the provider bills it separately)."""
     if balance.overage == 0 or find_entry(session, dedupe_key) is not None:
         return None
-    source = Source(**{**source.__dict__, "dedupe_key": dedupe_key})
-    return _post(session, balance, kind="overage_reset", balance_after=balance.balance, overage_after=0, source=source)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: str
-    message: str
-
-
-def check_deduction(balance: Balance, amount: int) -> Refusal | None:
-    """Why a deduction of `amount` atoms must be refused, or None. Pure: reads the locked balance."""
-    from_balance = min(amount, balance.balance)
-    to_overage = amount - from_balance
-    if balance.hard_cap is not None and balance.period_used + amount > balance.hard_cap:
-        return Refusal("limit_exceeded", "usage would pass the plan's hard cap for this period")
-    if to_overage:
-        if not balance.overage_enabled:
-            return Refusal("insufficient_credits", "the balance cannot cover this and overage is disabled")
-        if balance.overage_limit is not None and balance.overage + to_overage > balance.overage_limit:
-            return Refusal("limit_exceeded", "the deduction would push overage past its limit")
-    return None
+    return post_one(session, balance, Posting(
+        balance.id, "overage_reset", (balance.balance, 0), utcnow(), replace(source, dedupe_key=dedupe_key)))
 
 
 def deduct(
@@ -267,7 +173,7 @@ def deduct(
             _expire_grant(session, balance, candidate, now)
         else:
             live.append(candidate)
-    refusal = check_deduction(balance, amount)
+    refusal = deduction_refusal(balance, amount)
     if refusal is not None:
         error = LimitExceeded if refusal.code == "limit_exceeded" else InsufficientCredits
         raise error(refusal.message)
@@ -281,8 +187,8 @@ def deduct(
         grant_.remaining -= taken
         remaining -= taken
     balance.period_used += amount
-    return _post(session, balance, kind=kind, balance_after=balance.balance - from_balance,
-                 overage_after=balance.overage + (amount - from_balance), source=source, at=now)
+    return post_one(session, balance, Posting(
+        balance.id, kind, (balance.balance - from_balance, balance.overage + (amount - from_balance)), now, source))
 
 
 # --- billing periods -----------------------------------------------------------------------------

@@ -1,18 +1,18 @@
-"""Synchronous ledger entries: `POST /credit-entitlements/{ce}/balances/{customer_id}/ledger-entries`.
+"""Synchronous ledger entries: credit or debit a Tally-native balance now, once per idempotency key.
 
-The request and answer follow Dodo's create-ledger-entry shape (`amount` decimal string, `entry_type`
-credit|debit, `idempotency_key`, `reason`, `metadata`, `expires_at` for credits; answer with
-before/after values as decimal strings). The limit check is the ledger's, under the balance's row
-lock. The first answer to an idempotency key is stored in the same transaction as the entry, so a
-retry with the same body gets it again (a 400 refusal included: the key names one decision) and the
-same key with a different body is a 409.
+The request follows Dodo's create-ledger-entry shape (`amount` decimal string, `entry_type`
+credit|debit, `idempotency_key`, `reason`, `metadata`, `expires_at` for credits). The limit check is
+the ledger's, under the balance's row lock. The decision an idempotency key names (the entry, or the
+ledger's refusal) is recorded in the same transaction as the entry, so a retry with the same body
+gets the same decision again and the same key with a different body is a conflict. How a decision
+is rendered is the API layer's business.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,17 +21,29 @@ from sqlalchemy.orm import Session
 
 from app.catalogue import Catalogue
 from app.db import Database
-from app.errors import ApiError
-from app.ledger.amounts import AmountError, format_atoms, parse_decimal, to_atoms
-from app.ledger.service import (
-    InsufficientCredits, LimitExceeded, Source, deduct, grant, lock_balance, sync_entitlement,
-)
+from app.errors import Conflict, InvalidInput, NotFound
+from app.ledger.amounts import AmountError, parse_decimal, to_atoms
+from app.ledger.errors import LedgerRefusal, ProviderManaged
+from app.ledger.posting import Source
+from app.ledger.service import deduct, grant, lock_balance, sync_entitlement
 from app.metering.models import LedgerRequest
-from app.models import Balance, CreditEntitlement, Customer, LedgerEntry
+from app.models import CreditEntitlement, Customer, LedgerEntry
+from app.times import InvalidInstant, parse_instant
 
 ENTRY_TYPES = ("credit", "debit")
 ENTRY_KIND = "manual_adjustment"
 MAX_KEY_LENGTH = 255
+
+
+class EntryRejected(InvalidInput):
+    """A ledger-entry request that is wrong in itself: nothing is written."""
+
+    def __init__(self, message: str, *, code: str = "invalid_request") -> None:
+        super().__init__(message, code=code)
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
 
 
 @dataclass(frozen=True)
@@ -54,125 +66,114 @@ class EntryRequest:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _invalid(message: str) -> ApiError:
-    return ApiError(422, "invalid_request", message)
+@dataclass(frozen=True)
+class EntryOutcome:
+    """What a request decided: the posted entry, or the ledger's refusal (code and message)."""
+
+    entitlement: CreditEntitlement
+    customer_id: str
+    request: EntryRequest
+    atoms: int
+    entry: LedgerEntry | None
+    refusal_code: str | None = None
+    refusal_message: str | None = None
 
 
 def parse_entry_request(payload: Any) -> EntryRequest:
     """Validate the body's shape; the amount's precision is checked against the entitlement later."""
     if not isinstance(payload, dict):
-        raise _invalid("the body must be a JSON object")
+        raise EntryRejected("the body must be a JSON object")
     entry_type = payload.get("entry_type")
     if entry_type not in ENTRY_TYPES:
-        raise _invalid("entry_type must be \"credit\" or \"debit\"")
+        raise EntryRejected("entry_type must be \"credit\" or \"debit\"")
     key = payload.get("idempotency_key")
     if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_LENGTH:
-        raise _invalid(f"idempotency_key is required: a non-empty string of at most {MAX_KEY_LENGTH} characters")
+        raise EntryRejected(f"idempotency_key is required: a non-empty string of at most {MAX_KEY_LENGTH} characters")
     amount = payload.get("amount")
     try:
         value = parse_decimal(amount)
     except AmountError as error:
-        raise ApiError(422, "invalid_amount", str(error)) from None
+        raise EntryRejected(str(error), code="invalid_amount") from None
     if value <= 0:
-        raise ApiError(422, "invalid_amount", f"amount must be above zero, got {amount!r}")
+        raise EntryRejected(f"amount must be above zero, got {amount!r}", code="invalid_amount")
     reason = payload.get("reason")
     if reason is not None and not isinstance(reason, str):
-        raise _invalid("reason must be a string")
+        raise EntryRejected("reason must be a string")
     metadata = payload.get("metadata") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, (str, int, float, bool)) for v in metadata.values()):
-        raise _invalid("metadata must be an object of strings, numbers and booleans")
+        raise EntryRejected("metadata must be an object of strings, numbers and booleans")
     expires_at = None
     if payload.get("expires_at") is not None:
         if entry_type != "credit":
-            raise _invalid("expires_at applies to credits only")
+            raise EntryRejected("expires_at applies to credits only")
         try:
-            expires_at = datetime.fromisoformat(str(payload["expires_at"]))
-        except ValueError:
-            raise _invalid("expires_at must be an ISO 8601 date-time") from None
-        if expires_at.tzinfo is None:
-            raise _invalid("expires_at needs a time zone (for example a trailing Z)")
+            expires_at = parse_instant(payload["expires_at"])
+        except InvalidInstant as error:
+            raise EntryRejected(f"expires_at {error}") from None
     return EntryRequest(entry_type=entry_type, amount=str(amount), idempotency_key=key, reason=reason,
                         metadata=metadata, expires_at=expires_at)
 
 
-def entry_document(entry: LedgerEntry, balance: Balance, entitlement: CreditEntitlement, request: EntryRequest,
-                   atoms: int) -> dict[str, Any]:
-    """Dodo's BalanceCreateLedgerEntryResponse."""
-    precision = entitlement.precision
-    return {
-        "id": str(entry.id),
-        "amount": format_atoms(atoms, precision),
-        "balance_before": format_atoms(entry.balance_before, precision),
-        "balance_after": format_atoms(entry.balance_after, precision),
-        "overage_before": format_atoms(entry.overage_before, precision),
-        "overage_after": format_atoms(entry.overage_after, precision),
-        "created_at": entry.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "credit_entitlement_id": entitlement.id,
-        "customer_id": balance.customer_id,
-        "entry_type": request.entry_type,
-        "is_credit": request.entry_type == "credit",
-        "metadata": request.metadata,
-        "grant_id": str(entry.grant_id) if entry.grant_id is not None else None,
-        "reason": request.reason,
-    }
-
-
-def _previous_answer(session: Session, entitlement_id: str, customer_id: str, request: EntryRequest) -> tuple[int, dict[str, Any]] | None:
+def _recorded(session: Session, entitlement_id: str, customer_id: str, request: EntryRequest) -> LedgerRequest | None:
     previous = session.execute(
         select(LedgerRequest).where(LedgerRequest.entitlement_id == entitlement_id,
                                     LedgerRequest.customer_id == customer_id,
                                     LedgerRequest.idempotency_key == request.idempotency_key)
     ).scalar_one_or_none()
-    if previous is None:
-        return None
-    if previous.request_hash != request.fingerprint:
-        raise ApiError(409, "idempotency_conflict",
-                       f"idempotency_key {request.idempotency_key!r} was already used with a different body")
-    return previous.status_code, previous.response
+    if previous is not None and previous.request_hash != request.fingerprint:
+        raise IdempotencyConflict(
+            f"idempotency_key {request.idempotency_key!r} was already used with a different body")
+    return previous
+
+
+def _entitlement(session: Session, catalogue: Catalogue, entitlement_id: str) -> CreditEntitlement:
+    entitlement = session.get(CreditEntitlement, entitlement_id)
+    if entitlement is None and entitlement_id in catalogue.entitlements:
+        # A catalogue entitlement no plan has used yet: its row is created on its first write.
+        entitlement = sync_entitlement(session, catalogue.entitlements[entitlement_id])
+    if entitlement is None:
+        raise NotFound(f"no credit entitlement {entitlement_id!r}", code="entitlement_not_found")
+    if entitlement.managed_by != "tally":
+        raise ProviderManaged(f"entitlement {entitlement_id!r} is managed by {entitlement.managed_by}; "
+                              "its ledger changes only through the provider")
+    return entitlement
 
 
 def create_ledger_entry(db: Database, catalogue: Catalogue, *, entitlement_id: str, customer_id: str,
-                        request: EntryRequest, now: datetime) -> tuple[int, dict[str, Any]]:
-    """Post a credit or debit once per idempotency key; (HTTP status, body) of the first answer."""
+                        request: EntryRequest, now: datetime) -> EntryOutcome:
+    """Post a credit or debit once per idempotency key; the decision the key names."""
     with db.write() as session:
-        entitlement = session.get(CreditEntitlement, entitlement_id)
-        if entitlement is None and entitlement_id in catalogue.entitlements:
-            # A catalogue entitlement no plan has used yet: its row is created on its first write.
-            entitlement = sync_entitlement(session, catalogue.entitlements[entitlement_id])
-        if entitlement is None:
-            raise ApiError(404, "entitlement_not_found", f"no credit entitlement {entitlement_id!r}")
-        if entitlement.managed_by != "tally":
-            raise ApiError(409, "provider_managed",
-                           f"entitlement {entitlement_id!r} is managed by {entitlement.managed_by}; "
-                           "its ledger changes only through the provider")
+        entitlement = _entitlement(session, catalogue, entitlement_id)
         if session.get(Customer, customer_id) is None:
-            raise ApiError(404, "customer_not_found", f"no customer {customer_id!r}")
+            raise NotFound(f"no customer {customer_id!r}", code="customer_not_found")
         try:
             atoms = to_atoms(request.amount, entitlement.precision)
         except AmountError as error:
-            raise ApiError(422, "invalid_amount", str(error)) from None
+            raise EntryRejected(str(error), code="invalid_amount") from None
+        outcome = EntryOutcome(entitlement, customer_id, request, atoms, entry=None)
 
         balance = lock_balance(session, customer_id, entitlement_id)
-        answered = _previous_answer(session, entitlement_id, customer_id, request)
-        if answered is not None:
-            return answered  # before any check that depends on the time: a retry gets the first answer
+        recorded = _recorded(session, entitlement_id, customer_id, request)
+        if recorded is not None:  # before any check that depends on the time: a retry gets the first decision
+            entry = session.get(LedgerEntry, recorded.ledger_entry_id) if recorded.ledger_entry_id else None
+            return replace(outcome, entry=entry, refusal_code=recorded.refusal_code,
+                           refusal_message=recorded.refusal_message)
         if request.expires_at is not None and request.expires_at <= now:
-            raise _invalid("expires_at must be in the future")
+            raise EntryRejected("expires_at must be in the future")
         dedupe = f"api:{entitlement_id}:{customer_id}:{request.idempotency_key}"
         source = Source(idempotency_key=request.idempotency_key, description=request.reason)
-        entry: LedgerEntry | None = None
         try:
             if request.entry_type == "credit":
                 entry = grant(session, balance, atoms, source_key=dedupe, starts_at=now, expires_at=request.expires_at,
                               source=source, kind=ENTRY_KIND)
             else:
                 entry = deduct(session, balance, atoms, now=now, kind=ENTRY_KIND,
-                               source=Source(**{**source.__dict__, "dedupe_key": dedupe}))
-            status, body = 201, entry_document(entry, balance, entitlement, request, atoms)
-        except (LimitExceeded, InsufficientCredits) as refusal:
-            status, body = 400, {"code": refusal.code, "message": refusal.message}
+                               source=replace(source, dedupe_key=dedupe))
+            outcome = replace(outcome, entry=entry)
+        except LedgerRefusal as refusal:
+            outcome = replace(outcome, refusal_code=refusal.code, refusal_message=refusal.message)
         session.add(LedgerRequest(entitlement_id=entitlement_id, customer_id=customer_id,
                                   idempotency_key=request.idempotency_key, request_hash=request.fingerprint,
-                                  status_code=status, response=body, ledger_entry_id=entry.id if entry else None,
-                                  created_at=now))
-        return status, body
+                                  refusal_code=outcome.refusal_code, refusal_message=outcome.refusal_message,
+                                  ledger_entry_id=outcome.entry.id if outcome.entry else None, created_at=now))
+        return outcome

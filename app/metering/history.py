@@ -17,12 +17,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.api.pagination import Page
+from app.db import Page
 from app.catalogue import Catalogue, MeterSpec
-from app.errors import ApiError
+from app.errors import InvalidInput, NotFound
 from app.metering.models import MeterUsage
 from app.metering.service import format_units
 from app.models import Balance, Subscription
+from app.times import render_instant
 
 ZERO_DECIMAL_CURRENCIES = frozenset(
     "BIF CLP DJF GNF ISK JPY KMF KRW MGA PYG RWF UGX VND VUV XAF XOF XPF".split())
@@ -33,22 +34,6 @@ def minor_units(amount: Decimal, currency: str) -> int:
     """An amount in major units as an integer of the currency's smallest unit, rounded half up."""
     exponent = 0 if currency in ZERO_DECIMAL_CURRENCIES else 3 if currency in THREE_DECIMAL_CURRENCIES else 2
     return int(amount.scaleb(exponent).to_integral_value(rounding=ROUND_HALF_UP))
-
-
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_instant(raw: str | None, name: str) -> datetime | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_parameter", f"{name} must be an ISO 8601 date-time") from None
-    if moment.tzinfo is None:
-        raise ApiError(422, "invalid_parameter", f"{name} needs a time zone (for example a trailing Z)")
-    return moment
 
 
 @dataclass(frozen=True)
@@ -77,11 +62,11 @@ def usage_history(session: Session, catalogue: Catalogue, subscription_id: str, 
                   page: Page) -> dict[str, Any]:
     subscription = session.get(Subscription, subscription_id)
     if subscription is None:
-        raise ApiError(404, "subscription_not_found", f"no subscription {subscription_id!r}")
+        raise NotFound(f"no subscription {subscription_id!r}", code="subscription_not_found")
     if query.meter_id is not None and query.meter_id not in catalogue.meters:
-        raise ApiError(422, "unknown_meter", f"no meter {query.meter_id!r}")
+        raise InvalidInput(f"no meter {query.meter_id!r}", code="unknown_meter")
     if query.start_date and query.end_date and query.start_date > query.end_date:
-        raise ApiError(422, "invalid_parameter", "start_date must not be after end_date")
+        raise InvalidInput("start_date must not be after end_date", code="invalid_parameter")
 
     recorded = session.execute(select(MeterUsage).where(MeterUsage.subscription_id == subscription_id)).scalars().all()
     entitlements = set(session.execute(
@@ -106,7 +91,7 @@ def usage_history(session: Session, catalogue: Catalogue, subscription_id: str, 
     ] if meters else []
     window = selected[page.offset:page.offset + page.size]
     return {"items": [
-        {"start_date": iso(start), "end_date": iso(end),
+        {"start_date": render_instant(start), "end_date": render_instant(end),
          "meters": [meter_document(meter, periods[(start, end)].get(meter.key)) for meter in meters]}
         for start, end in window
     ]}

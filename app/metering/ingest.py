@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -20,9 +20,10 @@ from sqlalchemy.orm import Session
 
 from app.catalogue import Catalogue, MeterSpec
 from app.db import Database, insert_ignoring_conflicts_statement
-from app.errors import ApiError
+from app.errors import InvalidInput
 from app.ledger.amounts import AmountError, parse_decimal
 from app.metering.models import UsageEvent
+from app.times import InvalidInstant, parse_instant
 from app.models import Customer
 
 MAX_EVENTS = 1000
@@ -33,6 +34,15 @@ MAX_METADATA_VALUE_LENGTH = 500
 OLDEST_TIMESTAMP = timedelta(hours=1)
 """Dodo refuses events older than an hour: past that an event may belong to a period already closed."""
 FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
+class IngestRejected(InvalidInput):
+    """A batch refused whole: nothing of it is stored."""
+
+    code = "invalid_event"
+
+    def __init__(self, *, code: str, message: str) -> None:
+        super().__init__(message, code=code)
 
 
 def meters_for(catalogue: Catalogue, event_name: str) -> list[MeterSpec]:
@@ -77,25 +87,22 @@ class NewEvent:
 def _text(event: dict[str, Any], name: str, where: str) -> str:
     value = event.get(name)
     if not isinstance(value, str) or not value.strip():
-        raise ApiError(422, "invalid_event", f"{where}.{name} must be a non-empty string")
+        raise IngestRejected(code="invalid_event", message=f"{where}.{name} must be a non-empty string")
     if len(value) > MAX_ID_LENGTH:
-        raise ApiError(422, "invalid_event", f"{where}.{name} must be at most {MAX_ID_LENGTH} characters")
+        raise IngestRejected(code="invalid_event", message=f"{where}.{name} must be at most {MAX_ID_LENGTH} characters")
     return value
 
 
 def _timestamp(raw: Any, where: str, now: datetime) -> datetime:
     if raw is None:
         return now
-    if not isinstance(raw, str):
-        raise ApiError(422, "invalid_event", f"{where}.timestamp must be an ISO 8601 string")
     try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_event", f"{where}.timestamp {raw!r} is not an ISO 8601 date-time") from None
-    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+        moment = parse_instant(raw)
+    except InvalidInstant as error:
+        raise IngestRejected(code="invalid_event", message=f"{where}.timestamp {error}") from None
     if moment < now - OLDEST_TIMESTAMP or moment > now + FUTURE_TOLERANCE:
-        raise ApiError(422, "invalid_event",
-                       f"{where}.timestamp must be within the last hour and at most 5 minutes ahead")
+        raise IngestRejected(code="invalid_event",
+                             message=f"{where}.timestamp must be within the last hour and at most 5 minutes ahead")
     return moment
 
 
@@ -103,46 +110,46 @@ def _metadata(raw: Any, where: str) -> dict[str, Any] | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise ApiError(422, "invalid_event", f"{where}.metadata must be an object")
+        raise IngestRejected(code="invalid_event", message=f"{where}.metadata must be an object")
     if len(raw) > MAX_METADATA_KEYS:
-        raise ApiError(422, "invalid_event", f"{where}.metadata may hold at most {MAX_METADATA_KEYS} keys")
+        raise IngestRejected(code="invalid_event", message=f"{where}.metadata may hold at most {MAX_METADATA_KEYS} keys")
     for key, value in raw.items():
         if len(key) > MAX_METADATA_KEY_LENGTH:
-            raise ApiError(422, "invalid_event", f"{where}.metadata keys must be at most {MAX_METADATA_KEY_LENGTH} characters")
+            raise IngestRejected(code="invalid_event", message=f"{where}.metadata keys must be at most {MAX_METADATA_KEY_LENGTH} characters")
         if not isinstance(value, (str, int, float, bool)):
-            raise ApiError(422, "invalid_event", f"{where}.metadata.{key} must be a string, number or boolean")
+            raise IngestRejected(code="invalid_event", message=f"{where}.metadata.{key} must be a string, number or boolean")
         if isinstance(value, str) and len(value) > MAX_METADATA_VALUE_LENGTH:
-            raise ApiError(422, "invalid_event", f"{where}.metadata.{key} must be at most {MAX_METADATA_VALUE_LENGTH} characters")
+            raise IngestRejected(code="invalid_event", message=f"{where}.metadata.{key} must be at most {MAX_METADATA_VALUE_LENGTH} characters")
     return raw
 
 
 def parse_batch(payload: Any, catalogue: Catalogue, now: datetime) -> list[NewEvent]:
     """Validate the whole batch; the first problem found refuses it with a message naming the event."""
     if not isinstance(payload, dict) or not isinstance(payload.get("events"), list):
-        raise ApiError(422, "invalid_request", "the body must be {\"events\": [...]}")
+        raise IngestRejected(code="invalid_request", message="the body must be {\"events\": [...]}")
     raw_events = payload["events"]
     if len(raw_events) > MAX_EVENTS:
-        raise ApiError(422, "too_many_events", f"at most {MAX_EVENTS} events per request, got {len(raw_events)}")
+        raise IngestRejected(code="too_many_events", message=f"at most {MAX_EVENTS} events per request, got {len(raw_events)}")
     events: list[NewEvent] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_events):
         where = f"events[{index}]"
         if not isinstance(raw, dict):
-            raise ApiError(422, "invalid_event", f"{where} must be an object")
+            raise IngestRejected(code="invalid_event", message=f"{where} must be an object")
         event_id = _text(raw, "event_id", where)
         if event_id in seen:
-            raise ApiError(422, "duplicate_event_id", f"{where}.event_id {event_id!r} appears twice in this request")
+            raise IngestRejected(code="duplicate_event_id", message=f"{where}.event_id {event_id!r} appears twice in this request")
         seen.add(event_id)
         event_name = _text(raw, "event_name", where)
         metadata = _metadata(raw.get("metadata"), where)
         meters = meters_for(catalogue, event_name)
         if not meters:
-            raise ApiError(422, "unknown_meter", f"{where}: no meter counts events named {event_name!r}")
+            raise IngestRejected(code="unknown_meter", message=f"{where}: no meter counts events named {event_name!r}")
         for meter in meters:
             try:
                 metered_value(meter, metadata)
             except AmountError as error:
-                raise ApiError(422, "invalid_amount", f"{where}: {error}") from None
+                raise IngestRejected(code="invalid_amount", message=f"{where}: {error}") from None
         events.append(NewEvent(event_id=event_id, customer_id=_text(raw, "customer_id", where), event_name=event_name,
                                timestamp=_timestamp(raw.get("timestamp"), where, now), metadata=metadata))
     return events
@@ -154,7 +161,7 @@ def _check_customers(session: Session, events: list[NewEvent]) -> None:
     unknown = sorted(wanted - known)
     if unknown:
         shown = ", ".join(repr(customer) for customer in unknown[:5])
-        raise ApiError(422, "unknown_customer", f"unknown customer(s): {shown}{' …' if len(unknown) > 5 else ''}")
+        raise IngestRejected(code="unknown_customer", message=f"unknown customer(s): {shown}{' …' if len(unknown) > 5 else ''}")
 
 
 def store_batch(db: Database, events: list[NewEvent], now: datetime) -> list[int]:

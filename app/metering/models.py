@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import utcnow
@@ -74,10 +74,10 @@ class MeterUsage(Base):
 
 
 class LedgerRequest(Base):
-    """The first answer to a synchronous ledger-entry request, keyed by its idempotency key.
+    """The decision a synchronous ledger-entry request's idempotency key names: its entry, or a refusal.
 
-    A retry with the same key and body gets this answer again (a refusal included); the same key
-    with a different body is a conflict.
+    A retry with the same key and body gets this decision again; the same key with a different body
+    is a conflict. The decision is stored, not an HTTP answer: the API layer renders it.
     """
 
     __tablename__ = "ledger_requests"
@@ -88,7 +88,7 @@ class LedgerRequest(Base):
     customer_id: Mapped[str] = mapped_column(ForeignKey("customers.id"))
     idempotency_key: Mapped[str] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
-    status_code: Mapped[int] = mapped_column(Integer)
-    response: Mapped[dict[str, Any]]
+    refusal_code: Mapped[str | None] = mapped_column(String(64))  # None: accepted, see ledger_entry_id
+    refusal_message: Mapped[str | None] = mapped_column(Text)
     ledger_entry_id: Mapped[int | None] = mapped_column(ForeignKey("ledger_entries.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

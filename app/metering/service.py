@@ -41,7 +41,9 @@ from app.catalogue import Catalogue, MeterSpec
 from app.db import Database, utcnow
 from app.doorbell import claim_stale_pending, ring
 from app.ledger.amounts import MAX_ATOMS, AmountError
-from app.ledger.service import LedgerError, Source, UnknownBalance, deduct, lock_balance
+from app.ledger.errors import LedgerError, UnknownBalance
+from app.ledger.posting import Source
+from app.ledger.service import deduct, lock_balance
 from app.metering.ingest import meters_for, metered_value
 from app.metering.models import MeterUsage, UsageEvent
 from app.models import Balance, CreditEntitlement
@@ -56,8 +58,7 @@ class UsageRefused(LedgerError):
     """An event the ledger will not take; recorded on the event, never retried."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 def format_units(value: Decimal) -> str:

@@ -29,7 +29,8 @@ from app.billing.subscriptions import apply_customer_snapshot, apply_subscriptio
 from app.db import insert_ignoring_conflicts, utcnow
 from app.errors import PayloadError
 from app.ledger.mirror import ensure_provider_entitlement, mirror_entry, note_display_precision
-from app.ledger.service import LedgerError, lock_balance
+from app.ledger.errors import LedgerError
+from app.ledger.service import lock_balance
 from app.models import (
     CreditAlert,
     InboxEvent,

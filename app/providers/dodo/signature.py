@@ -19,35 +19,35 @@ from datetime import UTC, datetime
 
 from standardwebhooks import Webhook
 
-from app.errors import ApiError
+from app.providers.signatures import SignatureRejected, SignatureUnreadable
 
 HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
 
 def _check_headers(headers: Mapping[str, str], tolerance: int, now: float) -> tuple[str, str, str]:
-    """The three headers, well-formed and in time, or the ApiError that says what is wrong."""
+    """The three headers, well-formed and in time, or the signature error that says what is wrong."""
     missing = [name for name in HEADERS if not headers.get(name)]
     if missing:
-        raise ApiError(400, "missing_signature", f"missing header(s): {', '.join(missing)}")
+        raise SignatureUnreadable(code="missing_signature", message=f"missing header(s): {', '.join(missing)}")
     webhook_id, timestamp, signature = (headers[name] for name in HEADERS)
     if len(webhook_id) > 255:
-        raise ApiError(400, "malformed_signature", "webhook-id is too long")
+        raise SignatureUnreadable(code="malformed_signature", message="webhook-id is too long")
     if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
-        raise ApiError(400, "malformed_signature", "webhook-timestamp must be unix seconds")
+        raise SignatureUnreadable(code="malformed_signature", message="webhook-timestamp must be unix seconds")
     if abs(now - int(timestamp)) > tolerance:
-        raise ApiError(401, "stale_signature", f"webhook-timestamp is more than {tolerance} s from now")
+        raise SignatureRejected(code="stale_signature", message=f"webhook-timestamp is more than {tolerance} s from now")
     return webhook_id, timestamp, signature
 
 
 def verify_dodo_signature(
     body: bytes, headers: Mapping[str, str], keys: tuple[str, ...], *, tolerance: int = 300, now: float | None = None,
 ) -> str:
-    """Return the webhook-id (the dedupe key) when one of the keys signed `body`; raise ApiError otherwise."""
+    """Return the webhook-id (the dedupe key) when one of the keys signed `body`; raise a signature error otherwise."""
     webhook_id, timestamp, signature = _check_headers(headers, tolerance, time.time() if now is None else now)
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
-        raise ApiError(400, "invalid_body", "the body is not UTF-8") from None
+        raise SignatureUnreadable(code="invalid_body", message="the body is not UTF-8") from None
     # Only well-formed v1 entries are compared: an unknown version or bad base64 in one entry must
     # not hide a valid signature next to it (the library's verify would raise ValueError on it).
     usable = []
@@ -59,11 +59,11 @@ def verify_dodo_signature(
         except (binascii.Error, UnicodeEncodeError):
             continue
     if not usable:
-        raise ApiError(400, "malformed_signature", "webhook-signature has no well-formed 'v1,<base64>' entry")
+        raise SignatureUnreadable(code="malformed_signature", message="webhook-signature has no well-formed 'v1,<base64>' entry")
     signed_at = datetime.fromtimestamp(int(timestamp), UTC)
     text = body.decode("utf-8")
     for key in keys:
         expected = base64.b64decode(Webhook(key).sign(msg_id=webhook_id, timestamp=signed_at, data=text)[3:])
         if any(hmac.compare_digest(expected, base64.b64decode(entry[3:])) for entry in usable):
             return webhook_id
-    raise ApiError(401, "invalid_signature", "no configured key matches the signature")
+    raise SignatureRejected(code="invalid_signature", message="no configured key matches the signature")

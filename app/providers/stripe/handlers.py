@@ -10,10 +10,10 @@ from sqlalchemy.orm import Session
 
 from app.billing.snapshots import Watermark
 from app.billing.subscriptions import apply_customer_snapshot, apply_subscription_snapshot, ensure_customer
+from app.billing.plans import open_plan_period
 from app.catalogue import PlanSpec
 from app.errors import PayloadError
-from app.ledger.amounts import to_atoms
-from app.ledger.service import PeriodTerms, Source, lock_balance, start_period, sync_entitlement
+from app.ledger.posting import Source
 from app.models import InboxEvent, Subscription
 from app.providers.base import HandlerContext
 from app.providers.stripe.objects import PriceRef, parse_paid_invoice, parse_subscription, previous_state
@@ -48,29 +48,6 @@ def _resolve_plan(context: HandlerContext, price: PriceRef) -> PlanSpec | None:
     )
 
 
-def open_plan_period(
-    session: Session, context: HandlerContext, plan: PlanSpec, *, customer_id: str, subscription_id: str,
-    start: datetime, end: datetime, source: Source,
-) -> bool:
-    """Grant a plan's credits for a period (once), moving the customer's balance into it."""
-    spec = context.catalogue.entitlement_for(plan)
-    entitlement = sync_entitlement(session, spec)
-    precision = entitlement.precision
-    limits = [limit for limit in (plan.overage_limit, spec.overage_limit) if limit is not None]
-    terms = PeriodTerms(
-        subscription_id=subscription_id,
-        plan_key=plan.key,
-        start=start,
-        end=end,
-        included=to_atoms(plan.included, precision),
-        hard_cap=None if plan.hard_cap is None else to_atoms(plan.hard_cap, precision),
-        overage_enabled=spec.overage_enabled if plan.overage_enabled is None else plan.overage_enabled,
-        overage_limit=to_atoms(min(limits), precision) if limits else None,
-    )
-    balance = lock_balance(session, customer_id, spec.id)
-    return start_period(session, balance, terms, source=source)
-
-
 def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
     data = payload["data"]
     snapshot, price = parse_subscription(data.get("object"))
@@ -85,7 +62,7 @@ def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any
         and snapshot.period_end is not None
         and snapshot.period_end > context.now
     ):
-        open_plan_period(session, context, plan, customer_id=snapshot.customer_id, subscription_id=snapshot.id,
+        open_plan_period(session, context.catalogue, plan, customer_id=snapshot.customer_id, subscription_id=snapshot.id,
                          start=snapshot.period_start, end=snapshot.period_end,
                          source=Source(inbox_event_id=event.id))
 
@@ -101,7 +78,7 @@ def _on_invoice_paid(session: Session, event: InboxEvent, payload: dict[str, Any
     if plan is None:
         return
     ensure_customer(session, period.customer_id, "stripe")
-    open_plan_period(session, context, plan, customer_id=period.customer_id, subscription_id=period.subscription_id,
+    open_plan_period(session, context.catalogue, plan, customer_id=period.customer_id, subscription_id=period.subscription_id,
                      start=period.start, end=period.end,
                      source=Source(inbox_event_id=event.id, description=f"invoice {period.invoice_id} paid"))
 

@@ -10,7 +10,7 @@ import time
 
 import stripe
 
-from app.errors import ApiError
+from app.providers.signatures import SignatureRejected, SignatureUnreadable
 
 
 def _parse_header(header: str) -> tuple[int, list[str]]:
@@ -32,26 +32,26 @@ def _parse_header(header: str) -> tuple[int, list[str]]:
 def verify_stripe_signature(
     body: bytes, header: str | None, secrets: tuple[str, ...], *, tolerance: int = 300, now: float | None = None
 ) -> None:
-    """Raise ApiError unless one of the secrets signed `body` within the tolerance."""
+    """Raise a signature error unless one of the secrets signed `body` within the tolerance."""
     if not header:
-        raise ApiError(400, "missing_signature", "the Stripe-Signature header is missing")
+        raise SignatureUnreadable(code="missing_signature", message="the Stripe-Signature header is missing")
     try:
         timestamp, signatures = _parse_header(header)
     except ValueError:
-        raise ApiError(400, "malformed_signature", "the Stripe-Signature header cannot be parsed") from None
+        raise SignatureUnreadable(code="malformed_signature", message="the Stripe-Signature header cannot be parsed") from None
     if not signatures:
-        raise ApiError(400, "malformed_signature", "the Stripe-Signature header has no v1 signature")
+        raise SignatureUnreadable(code="malformed_signature", message="the Stripe-Signature header has no v1 signature")
     now = time.time() if now is None else now
     if abs(now - timestamp) > tolerance:
-        raise ApiError(401, "stale_signature", f"the signature timestamp is more than {tolerance} s from now")
+        raise SignatureRejected(code="stale_signature", message=f"the signature timestamp is more than {tolerance} s from now")
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
-        raise ApiError(400, "invalid_body", "the body is not UTF-8") from None
+        raise SignatureUnreadable(code="invalid_body", message="the body is not UTF-8") from None
     for secret in secrets:
         try:
             stripe.WebhookSignature.verify_header(body, header, secret, tolerance=None)
             return
         except stripe.SignatureVerificationError:
             continue
-    raise ApiError(401, "invalid_signature", "no configured secret matches the signature")
+    raise SignatureRejected(code="invalid_signature", message="no configured secret matches the signature")

@@ -1,4 +1,10 @@
-"""Choosing the Dramatiq broker: Redis, RabbitMQ, or in-process for the embedded default."""
+"""The doorbell's transport: the Dramatiq broker the settings ask for.
+
+The SQL rows are the durable record; a broker message only says "there is work" (`app.doorbell`).
+Redis or RabbitMQ in production; on the embedded default an in-process broker (Dramatiq's
+StubBroker) whose worker threads run inside `tally serve`. Nothing is lost by keeping messages in
+memory there: the inbox is the record and the sweeper rings again.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ def build_broker(settings: Settings) -> Broker:
     if settings.broker_kind == "redis":
         from dramatiq.brokers.redis import RedisBroker
 
+        assert settings.broker_url is not None
         client = redis.Redis.from_url(
             settings.broker_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
         )
@@ -23,15 +30,16 @@ def build_broker(settings: Settings) -> Broker:
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
         return RabbitmqBroker(url=settings.broker_url, confirm_delivery=True)
-    # In-process: messages live in this process's memory and its own worker threads consume them.
-    # Nothing is lost by that: the inbox is the durable record and the sweeper re-enqueues.
     return StubBroker()
 
 
-def configure_broker(settings: Settings) -> Broker:
-    broker = build_broker(settings)
-    dramatiq.set_broker(broker)
-    return broker
+def ping(broker: Broker) -> None:
+    """Raise unless the broker answers (a StubBroker always does)."""
+    client = getattr(broker, "client", None)
+    if client is not None:
+        client.ping()  # redis
+    elif hasattr(broker, "connection"):
+        _ = broker.connection  # rabbitmq: opens (or reuses) this thread's connection
 
 
 def start_inprocess_worker(broker: Broker, threads: int) -> dramatiq.Worker:

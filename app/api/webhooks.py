@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from prometheus_client import Counter
@@ -11,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app.errors import ApiError
-from app.http import read_body, services
+from app.api.http import parse_json, read_body, services
+from app.errors import Malformed, Unavailable
 from app.inbox.store import receive_event
 from app.providers.dodo.signature import verify_dodo_signature
 from app.providers.stripe.signature import verify_stripe_signature
@@ -21,21 +20,18 @@ WEBHOOKS = Counter("tally_webhooks_total", "Webhook deliveries by provider and o
 
 
 def _event_json(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    payload = parse_json(body)
     if not isinstance(payload, dict):
-        raise ApiError(400, "invalid_event", "the body must be a JSON object")
+        raise Malformed("the body must be a JSON object", code="invalid_event")
     return payload
 
 
 async def _accept(request: Request, *, provider: str, event_id: Any, event_type: Any, body: bytes) -> JSONResponse:
     if not isinstance(event_id, str) or not event_id or not isinstance(event_type, str) or not event_type:
-        raise ApiError(400, "invalid_event", "the event needs a string id and type")
+        raise Malformed("the event needs a string id and type", code="invalid_event")
     app = services(request)
     inbox_event_id = await run_in_threadpool(
-        receive_event, app.db, app.enqueue, provider=provider, event_id=event_id, event_type=event_type,
+        receive_event, app.db, app.enqueue_event, provider=provider, event_id=event_id, event_type=event_type,
         body=body.decode("utf-8"),
     )
     if inbox_event_id is None:
@@ -57,7 +53,7 @@ async def stripe_webhook(request: Request) -> JSONResponse:
     """
     app = services(request)
     if not app.settings.stripe_webhook_secrets:
-        raise ApiError(503, "not_configured", "STRIPE_WEBHOOK_SECRET is not set")
+        raise Unavailable("STRIPE_WEBHOOK_SECRET is not set", code="not_configured")
     body = await read_body(request)
     verify_stripe_signature(body, request.headers.get("stripe-signature"), app.settings.stripe_webhook_secrets,
                             tolerance=app.settings.webhook_tolerance_seconds)
@@ -78,7 +74,7 @@ async def dodo_webhook(request: Request) -> JSONResponse:
     """
     app = services(request)
     if not app.settings.dodo_webhook_keys:
-        raise ApiError(503, "not_configured", "DODO_PAYMENTS_WEBHOOK_KEY is not set")
+        raise Unavailable("DODO_PAYMENTS_WEBHOOK_KEY is not set", code="not_configured")
     body = await read_body(request)
     webhook_id = verify_dodo_signature(body, request.headers, app.settings.dodo_webhook_keys,
                                        tolerance=app.settings.webhook_tolerance_seconds)
@@ -86,5 +82,7 @@ async def dodo_webhook(request: Request) -> JSONResponse:
     return await _accept(request, provider="dodo", event_id=webhook_id, event_type=payload.get("type"), body=body)
 
 
-routes = [Route("/webhooks/stripe", stripe_webhook, methods=["POST"])]
-routes.append(Route("/webhooks/dodo", dodo_webhook, methods=["POST"]))
+routes = [
+    Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),
+    Route("/webhooks/dodo", dodo_webhook, methods=["POST"]),
+]

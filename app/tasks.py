@@ -1,0 +1,111 @@
+"""The jobs the workers run, and the clock that schedules the periodic ones.
+
+Actors are declared on a broker given to `declare_jobs`, never at import time, so any process
+(the web app, `tally worker`, `tally clock`, a test) builds its own from its own settings. Each
+actor is thin: it calls one domain function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import dramatiq
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.blocking import BlockingScheduler
+from dramatiq.broker import Broker
+
+from app.config import Settings
+from app.db import Database
+from app.inbox import processing, store
+from app.ledger.service import expire_all_due
+from app.metering import service as metering
+
+EVENTS_QUEUE = "tally-events"
+USAGE_QUEUE = "tally-usage"
+MAINTENANCE_QUEUE = "tally-maintenance"
+
+
+@dataclass(frozen=True)
+class Jobs:
+    """The actors declared on one broker, and the doorbells that send to them."""
+
+    broker: Broker
+    apply_inbox_event: dramatiq.Actor[[int], None]
+    apply_usage_events: dramatiq.Actor[[list[int]], None]
+    sweep_inbox: dramatiq.Actor[[], None]
+    sweep_usage_events: dramatiq.Actor[[], None]
+    expire_periods: dramatiq.Actor[[], None]
+
+    def enqueue_event(self, inbox_event_id: int) -> None:
+        """The doorbell for one stored inbox event."""
+        self.broker.enqueue(self.apply_inbox_event.message(inbox_event_id))
+
+    def enqueue_usage(self, usage_event_ids: list[int]) -> None:
+        """The doorbell for newly stored usage events: one message per ingest batch."""
+        self.broker.enqueue(self.apply_usage_events.message(usage_event_ids))
+
+
+def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
+    """Declare every actor on `broker`; the actors use `settings` and `db`."""
+    retries: dict[str, Any] = {
+        # Tally counts attempts in the row and dead-letters there; the broker only spaces the retries.
+        "max_retries": settings.max_attempts,
+        "min_backoff": settings.retry_min_backoff_ms,
+        "max_backoff": settings.retry_max_backoff_ms,
+    }
+    sweep_after = timedelta(seconds=settings.sweep_after_seconds)
+    jobs: Jobs
+
+    def apply_inbox_event(inbox_event_id: int) -> None:
+        processing.apply_event(db, settings.catalogue, inbox_event_id, max_attempts=settings.max_attempts)
+
+    def apply_usage_events(usage_event_ids: list[int]) -> None:
+        """Refusals are recorded on the events; other errors retry."""
+        metering.apply_usage_events(db, settings.catalogue, usage_event_ids)
+
+    def sweep_inbox() -> None:
+        store.sweep(db, jobs.enqueue_event, older_than=sweep_after)
+
+    def sweep_usage_events() -> None:
+        metering.sweep_usage_events(db, jobs.enqueue_usage, older_than=sweep_after)
+
+    def expire_periods() -> None:
+        with db.write() as session:
+            expire_all_due(session)
+
+    def declare(fn: Callable[..., None], queue: str, **options: Any) -> Any:
+        return dramatiq.actor(fn, broker=broker, actor_name=fn.__name__, queue_name=queue, **options)
+
+    jobs = Jobs(
+        broker=broker,
+        apply_inbox_event=declare(apply_inbox_event, EVENTS_QUEUE, **retries),
+        apply_usage_events=declare(apply_usage_events, USAGE_QUEUE, **retries),
+        sweep_inbox=declare(sweep_inbox, MAINTENANCE_QUEUE, max_retries=0),
+        sweep_usage_events=declare(sweep_usage_events, MAINTENANCE_QUEUE, max_retries=0),
+        expire_periods=declare(expire_periods, MAINTENANCE_QUEUE, max_retries=3),
+    )
+    return jobs
+
+
+def schedule(scheduler: BaseScheduler, jobs: Jobs) -> BaseScheduler:
+    """The clock's timetable. It does no work itself: it sends messages, and workers do the work."""
+    scheduler.add_job(jobs.sweep_inbox.send, "interval", seconds=30, id="sweep-inbox", coalesce=True)
+    scheduler.add_job(jobs.expire_periods.send, "interval", seconds=60, id="expire-periods", coalesce=True)
+    scheduler.add_job(jobs.sweep_usage_events.send, "interval", seconds=30, id="sweep-usage", coalesce=True)
+    return scheduler
+
+
+def run_clock(jobs: Jobs) -> None:
+    """The `clock` process."""
+    schedule(BlockingScheduler(timezone="UTC"), jobs).start()
+
+
+def start_clock_in_background(jobs: Jobs) -> BaseScheduler:
+    """The clock inside `tally serve` on the embedded default."""
+    scheduler = schedule(BackgroundScheduler(timezone="UTC", daemon=True), jobs)
+    scheduler.start()
+    return scheduler
