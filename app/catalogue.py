@@ -9,10 +9,11 @@ plan, so teams can manage plans in the Stripe dashboard instead.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 AGGREGATIONS = ("count", "sum", "max", "last")
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
 
 from app.catalogue import Catalogue, CatalogueError, load_catalogue
 

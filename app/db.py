@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar, Protocol, cast
 
-from sqlalchemy import DateTime, Engine, Row, Table, create_engine, event
+from sqlalchemy import DateTime, Engine, FromClause, Row, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,20 +57,30 @@ class Page:
         return self.size * self.number
 
 
-def insert_ignoring_conflicts_statement(session: Session, table: Table) -> Any:
+class Mapped(Protocol):
+    """A mapped class: what the helpers below need of it."""
+
+    __table__: ClassVar[FromClause]
+
+
+def table_of(model: type[Mapped]) -> Table:
+    return cast(Table, model.__table__)
+
+
+def insert_ignoring_conflicts_statement(session: Session, model: type[Mapped]) -> Any:
     """`INSERT … ON CONFLICT DO NOTHING` in the session's dialect (both databases have it)."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing()
+    return dialect.insert(table_of(model)).on_conflict_do_nothing()
 
 
-def insert_ignoring_conflicts(session: Session, table: Table, values: dict[str, Any]) -> Row[Any] | None:
+def insert_ignoring_conflicts(session: Session, model: type[Mapped], values: dict[str, Any]) -> Row[Any] | None:
     """Insert one row unless it conflicts: the new row's primary key, or None.
 
     This is how concurrent duplicates are absorbed: the unique constraint decides, not a prior read.
     RETURNING says for sure whether a row went in (rowcount can be -1 here on psycopg).
     """
-    statement = insert_ignoring_conflicts_statement(session, table).values(**values)
-    return session.execute(statement.returning(*table.primary_key.columns)).first()
+    statement = insert_ignoring_conflicts_statement(session, model).values(**values)
+    return session.execute(statement.returning(*table_of(model).primary_key.columns)).first()
 
 
 class Database:

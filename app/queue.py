@@ -25,7 +25,7 @@ def build_broker(settings: Settings) -> Broker:
         client = redis.Redis.from_url(
             settings.broker_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
         )
-        return RedisBroker(client=client, namespace="tally")
+        return RedisBroker(client=client, namespace="tally")  # type: ignore[no-untyped-call]  # dramatiq leaves it unannotated
     if settings.broker_kind == "rabbitmq":
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 

@@ -78,7 +78,7 @@ def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
             expire_all_due(session)
 
     def declare(fn: Callable[..., None], queue: str, **options: Any) -> Any:
-        return dramatiq.actor(fn, broker=broker, actor_name=fn.__name__, queue_name=queue, **options)
+        return dramatiq.actor(broker=broker, actor_name=fn.__name__, queue_name=queue, **options)(fn)
 
     jobs = Jobs(
         broker=broker,

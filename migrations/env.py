@@ -7,9 +7,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+import app.metering.models  # noqa: F401  (registers the metering tables)
 from app.config import get_settings
 from app.models import Base
-import app.metering.models  # noqa: F401,E402  (registers the metering tables)
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

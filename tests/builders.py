@@ -8,7 +8,6 @@ from typing import Any
 
 import httpx
 import stripe
-
 from conftest import STRIPE_SECRET
 
 

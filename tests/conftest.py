@@ -31,12 +31,12 @@ os.environ.update({
     "TALLY_SWEEP_AFTER_SECONDS": "1",
 })
 
+from dataclasses import replace  # noqa: E402
+
 import dramatiq  # noqa: E402
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from sqlalchemy import text  # noqa: E402
-
-from dataclasses import replace  # noqa: E402
 
 from app.cli import migrate  # noqa: E402
 from app.config import get_settings  # noqa: E402

@@ -13,15 +13,14 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+from conftest import DODO_KEY, DODO_OLD_KEY  # noqa: F401  (re-exported for the Dodo tests)
 from standardwebhooks import Webhook
 
-from conftest import DODO_KEY, DODO_OLD_KEY  # noqa: F401  (re-exported for the Dodo tests)
 from app.config import get_settings
 from app.db import Database
 from app.inbox.processing import apply_event
 from app.inbox.store import store_event
 from app.models import InboxEvent
-
 
 EVENT_TYPES = {
     "credit_added": "credit.added",

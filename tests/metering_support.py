@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from app.billing.subscriptions import ensure_customer
 from app.api.metering import entry_answer
+from app.billing.subscriptions import ensure_customer
 from app.config import get_settings
 from app.db import Database, utcnow
 from app.metering import entries

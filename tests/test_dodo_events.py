@@ -4,6 +4,7 @@ often and however concurrently it arrives; subscription snapshots and carts, ale
 from __future__ import annotations
 
 import threading
+
 import pytest
 from conftest import wait_for
 from dodo_builders import apply_now, cart_line, deliver, envelope, ledger_entry, subscription

@@ -17,8 +17,8 @@ from sqlalchemy import select, update
 
 from app.cli import main as tally
 from app.ledger.amounts import to_atoms
-from app.ledger.mirror import Link, order_chain
 from app.ledger.audit import verify
+from app.ledger.mirror import Link, order_chain
 from app.models import Balance, InboxEvent, LedgerEntry, ProviderLedgerEntry
 
 CE = "cde_mirror"

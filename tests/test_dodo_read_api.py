@@ -11,8 +11,8 @@ from dodopayments.types.credit_entitlements import CreditLedgerEntry, CustomerCr
 from dodopayments.types.subscription_retrieve_credit_usage_response import SubscriptionRetrieveCreditUsageResponse
 from sqlalchemy import select
 
-from app.keys import hash_token
 from app.cli import main as tally
+from app.keys import hash_token
 from app.models import ApiKey
 
 CUSTOMER = "cus_read"

@@ -11,8 +11,8 @@ from sqlalchemy import select, update
 from app.billing.subscriptions import ensure_customer
 from app.catalogue import EntitlementSpec
 from app.db import Database
-from app.ledger.audit import verify
 from app.ledger.amounts import AmountError, format_atoms, to_atoms
+from app.ledger.audit import verify
 from app.ledger.errors import InsufficientCredits, LimitExceeded
 from app.ledger.posting import Source
 from app.ledger.service import (

@@ -14,9 +14,9 @@ from builders import deliver, event, subscription_object
 from conftest import wait_for
 from metering_support import balance_of, entry_count, new_customer, post_entry, usage_event, usage_event_count
 
-from app.keys import create_key
 from app.config import get_settings
 from app.db import utcnow
+from app.keys import create_key
 from app.metering import ingest
 from app.metering.service import apply_usage_events, credits_for
 from app.models import Balance, CreditEntitlement

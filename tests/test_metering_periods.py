@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import dodopayments
 import pytest
-from sqlalchemy import select
 from builders import deliver, event, invoice_paid, subscription_object
 from conftest import SERVICE_TOKEN, wait_for
 from metering_support import balance_of, post_entry
+from sqlalchemy import select
 
 from app.db import utcnow
 from app.ledger.audit import verify
@@ -126,9 +126,10 @@ def test_usage_history_parses_with_the_official_sdk(db, http, worker, server, se
 
 
 def test_usage_history_is_private_to_the_subscriptions_customer(db, http):
+    from metering_support import new_customer
+
     from app.keys import create_key
     from app.models import Subscription
-    from metering_support import new_customer
 
     owner, other = new_customer(db), new_customer(db)
     with db.write() as session:

@@ -24,8 +24,8 @@ from app.db import Database
 from app.inbox.store import sweep
 from app.ledger.audit import verify
 from app.models import Balance, InboxEvent, LedgerEntry, Subscription
-from app.web import create_app
 from app.tasks import declare_jobs
+from app.web import create_app
 
 pytestmark = pytest.mark.broker
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from builders import deliver, event, sign, subscription_object
-from conftest import STRIPE_OLD_SECRET, STRIPE_SECRET, LiveServer, JOBS
+from conftest import JOBS, STRIPE_OLD_SECRET, STRIPE_SECRET, LiveServer
 from sqlalchemy import func, select
 
 from app.config import get_settings

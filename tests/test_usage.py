@@ -6,14 +6,14 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from conftest import SERVICE_TOKEN, LiveServer, JOBS
+from conftest import JOBS, SERVICE_TOKEN, LiveServer
 
-from app.keys import create_key
+from app.billing.plans import open_plan_period
 from app.billing.snapshots import Watermark
 from app.billing.subscriptions import SubscriptionSnapshot, apply_subscription_snapshot, ensure_customer
 from app.config import get_settings
 from app.db import Database
-from app.billing.plans import open_plan_period
+from app.keys import create_key
 from app.ledger.posting import Source
 from app.ledger.service import deduct, lock_balance
 from app.web import create_app

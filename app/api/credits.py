@@ -22,10 +22,10 @@ from app.api.credit_documents import (
     find_balance,
     ledger_document,
 )
+from app.api.http import authenticate, services
 from app.api.pagination import page_from
 from app.api.params import instant_param
 from app.errors import NotFound
-from app.api.http import authenticate, services
 from app.models import Customer, Subscription
 
 

@@ -9,9 +9,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from app.api.http import authenticate, services
 from app.api.usage_document import usage_document
 from app.errors import NotFound
-from app.api.http import authenticate, services
 from app.models import Customer
 
 

@@ -60,7 +60,7 @@ def stored_state(row: Subscription) -> SnapshotState:
 
 
 def ensure_customer(session: Session, customer_id: str, provider: str) -> None:
-    insert_ignoring_conflicts(session, Customer.__table__, {"id": customer_id, "provider": provider})
+    insert_ignoring_conflicts(session, Customer, {"id": customer_id, "provider": provider})
 
 
 def apply_customer_snapshot(
@@ -86,7 +86,7 @@ def apply_customer_snapshot(
 def apply_subscription_snapshot(session: Session, snapshot: SubscriptionSnapshot, watermark: Watermark) -> bool:
     """Store the snapshot if it is newer than what we have; True when it was applied."""
     ensure_customer(session, snapshot.customer_id, snapshot.provider)
-    inserted = insert_ignoring_conflicts(session, Subscription.__table__, {
+    inserted = insert_ignoring_conflicts(session, Subscription, {
         "id": snapshot.id, "provider": snapshot.provider, "customer_id": snapshot.customer_id,
         "status": snapshot.status,
     })
@@ -116,4 +116,5 @@ def current_subscription(session: Session, customer_id: str) -> Subscription | N
         .order_by(Subscription.current_period_start.desc().nulls_last(), Subscription.created_at.desc())
     ).scalars().all()
     live = [row for row in rows if row.status in LIVE_STATUSES]
-    return (live or rows or [None])[0]
+    candidates = live or rows
+    return candidates[0] if candidates else None

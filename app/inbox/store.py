@@ -19,7 +19,7 @@ Enqueue = Callable[[int], None]
 def store_event(db: Database, *, provider: str, event_id: str, event_type: str, body: str) -> int | None:
     """Insert the event; its id when it is new, None when it is a duplicate delivery."""
     with db.write() as session:
-        inserted = insert_ignoring_conflicts(session, InboxEvent.__table__, {
+        inserted = insert_ignoring_conflicts(session, InboxEvent, {
             "provider": provider, "provider_event_id": event_id, "type": event_type, "body": body,
             "received_at": utcnow(),
         })

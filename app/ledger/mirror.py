@@ -27,9 +27,10 @@ This module takes plain values (ids, atoms, datetimes); provider payload formats
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -164,12 +165,12 @@ def ensure_provider_entitlement(session: Session, entitlement_id: str, provider:
     A credit event can arrive before the subscription that names the entitlement; its name and unit
     are filled in when the subscription snapshot arrives.
     """
-    insert_ignoring_conflicts(session, CreditEntitlement.__table__, {
+    insert_ignoring_conflicts(session, CreditEntitlement, {
         "id": entitlement_id, "managed_by": provider, "name": entitlement_id, "unit": "credits",
         "precision": MIRROR_PRECISION, "overage_enabled": True, "overage_limit": None,
         "created_at": utcnow(), "updated_at": utcnow(),
     })
-    insert_ignoring_conflicts(session, ProviderEntitlement.__table__, {
+    insert_ignoring_conflicts(session, ProviderEntitlement, {
         "entitlement_id": entitlement_id, "provider": provider, "display_precision": 0, "updated_at": utcnow(),
     })
     entitlement = session.get(CreditEntitlement, entitlement_id)

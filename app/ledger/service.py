@@ -21,7 +21,7 @@ from app.db import insert_ignoring_conflicts, utcnow
 from app.ledger.amounts import to_atoms
 from app.ledger.errors import InsufficientCredits, LedgerError, LimitExceeded, ProviderManaged, UnknownBalance
 from app.ledger.limits import deduction_refusal
-from app.ledger.posting import Posting, Source, post, post_one
+from app.ledger.posting import Posting, Source, post_one
 from app.models import Balance, CreditEntitlement, Grant, LedgerEntry
 
 # --- entitlements and balances -------------------------------------------------------------------
@@ -31,7 +31,7 @@ def sync_entitlement(session: Session, spec: EntitlementSpec) -> CreditEntitleme
     """Create or update a Tally-native entitlement from its catalogue declaration."""
     insert_ignoring_conflicts(
         session,
-        CreditEntitlement.__table__,
+        CreditEntitlement,
         {"id": spec.id, "managed_by": "tally", "name": spec.name, "unit": spec.unit, "precision": spec.precision},
     )
     entitlement = session.get(CreditEntitlement, spec.id, populate_existing=True)
@@ -59,7 +59,7 @@ def lock_balance(session: Session, customer_id: str, entitlement_id: str, *, cre
             raise UnknownBalance(f"no credit entitlement {entitlement_id!r}")
         insert_ignoring_conflicts(
             session,
-            Balance.__table__,
+            Balance,
             {
                 "customer_id": customer_id,
                 "entitlement_id": entitlement_id,

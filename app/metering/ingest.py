@@ -19,12 +19,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.catalogue import Catalogue, MeterSpec
-from app.db import Database, insert_ignoring_conflicts_statement
+from app.db import Database, insert_ignoring_conflicts_statement, table_of
 from app.errors import InvalidInput
 from app.ledger.amounts import AmountError, parse_decimal
 from app.metering.models import UsageEvent
-from app.times import InvalidInstant, parse_instant
 from app.models import Customer
+from app.times import InvalidInstant, parse_instant
 
 MAX_EVENTS = 1000
 MAX_ID_LENGTH = 255
@@ -173,6 +173,6 @@ def store_batch(db: Database, events: list[NewEvent], now: datetime) -> list[int
              "last_enqueued_at": now} for event in events]
     with db.write() as session:
         _check_customers(session, events)
-        statement = insert_ignoring_conflicts_statement(session, UsageEvent.__table__)
-        return list(session.execute(statement.returning(UsageEvent.__table__.c.id), rows).scalars())
+        statement = insert_ignoring_conflicts_statement(session, UsageEvent)
+        return list(session.execute(statement.returning(table_of(UsageEvent).c.id), rows).scalars())
 

@@ -44,7 +44,7 @@ from app.ledger.amounts import MAX_ATOMS, AmountError
 from app.ledger.errors import LedgerError, UnknownBalance
 from app.ledger.posting import Source
 from app.ledger.service import deduct, lock_balance
-from app.metering.ingest import meters_for, metered_value
+from app.metering.ingest import metered_value, meters_for
 from app.metering.models import MeterUsage, UsageEvent
 from app.models import Balance, CreditEntitlement
 

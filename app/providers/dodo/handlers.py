@@ -19,7 +19,8 @@ is not used to order anything:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -28,8 +29,8 @@ from app.billing.snapshots import Watermark
 from app.billing.subscriptions import apply_customer_snapshot, apply_subscription_snapshot, ensure_customer
 from app.db import insert_ignoring_conflicts, utcnow
 from app.errors import PayloadError
-from app.ledger.mirror import ensure_provider_entitlement, mirror_entry, note_display_precision
 from app.ledger.errors import LedgerError
+from app.ledger.mirror import ensure_provider_entitlement, mirror_entry, note_display_precision
 from app.ledger.service import lock_balance
 from app.models import (
     CreditAlert,
@@ -130,7 +131,7 @@ def _on_ledger_entry(session: Session, event: InboxEvent, data: dict[str, Any], 
 
 def _on_balance_low(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
     alert = parse_balance_low(data)
-    insert_ignoring_conflicts(session, CreditAlert.__table__, {
+    insert_ignoring_conflicts(session, CreditAlert, {
         "inbox_event_id": event.id, "provider": PROVIDER, "kind": "balance_low",
         "customer_id": alert.customer_id, "subscription_id": alert.subscription_id,
         "entitlement_id": alert.entitlement_id, "entitlement_name": alert.entitlement_name,
@@ -144,7 +145,7 @@ def _on_balance_low(session: Session, event: InboxEvent, data: dict[str, Any], c
 def _on_payment(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
     kind = "refund" if event.type.startswith("refund.") else "payment"
     state = parse_payment_or_refund(kind, data)
-    insert_ignoring_conflicts(session, ProviderPayment.__table__, {
+    insert_ignoring_conflicts(session, ProviderPayment, {
         "provider": PROVIDER, "kind": kind, "object_id": state.object_id, "last_event_type": event.type,
         "watermark_received_at": event.received_at, "created_at": utcnow(), "updated_at": utcnow(),
     })

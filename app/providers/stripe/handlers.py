@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.billing.plans import open_plan_period
 from app.billing.snapshots import Watermark
 from app.billing.subscriptions import apply_customer_snapshot, apply_subscription_snapshot, ensure_customer
-from app.billing.plans import open_plan_period
 from app.catalogue import PlanSpec
 from app.errors import PayloadError
 from app.ledger.posting import Source
