@@ -14,7 +14,9 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,11 +30,9 @@ from app.ledger.posting import Source
 from app.ledger.service import deduct, grant, lock_balance, sync_entitlement
 from app.metering.models import LedgerRequest
 from app.models import CreditEntitlement, Customer, LedgerEntry
-from app.times import InvalidInstant, parse_instant
+from app.validation import Identifier, Instant, Scalar, Text, problem
 
-ENTRY_TYPES = ("credit", "debit")
 ENTRY_KIND = "manual_adjustment"
-MAX_KEY_LENGTH = 255
 
 
 class EntryRejected(InvalidInput):
@@ -79,39 +79,37 @@ class EntryOutcome:
     refusal_message: str | None = None
 
 
+class EntryBody(BaseModel):
+    """The request body, as Dodo's create-ledger-entry takes it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    entry_type: Literal["credit", "debit"]
+    idempotency_key: Identifier
+    reason: Text | None = None
+    metadata: dict[Text, Scalar] | None = None
+    expires_at: Instant | None = None
+
+
 def parse_entry_request(payload: Any) -> EntryRequest:
     """Validate the body's shape; the amount's precision is checked against the entitlement later."""
     if not isinstance(payload, dict):
         raise EntryRejected("the body must be a JSON object")
-    entry_type = payload.get("entry_type")
-    if entry_type not in ENTRY_TYPES:
-        raise EntryRejected("entry_type must be \"credit\" or \"debit\"")
-    key = payload.get("idempotency_key")
-    if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_LENGTH:
-        raise EntryRejected(f"idempotency_key is required: a non-empty string of at most {MAX_KEY_LENGTH} characters")
     amount = payload.get("amount")
+    try:
+        body = EntryBody.model_validate(payload)
+    except ValidationError as error:
+        raise EntryRejected(problem(error)) from None
     try:
         value = parse_decimal(amount)
     except AmountError as error:
         raise EntryRejected(str(error), code="invalid_amount") from None
     if value <= 0:
         raise EntryRejected(f"amount must be above zero, got {amount!r}", code="invalid_amount")
-    reason = payload.get("reason")
-    if reason is not None and not isinstance(reason, str):
-        raise EntryRejected("reason must be a string")
-    metadata = payload.get("metadata") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, (str, int, float, bool)) for v in metadata.values()):
-        raise EntryRejected("metadata must be an object of strings, numbers and booleans")
-    expires_at = None
-    if payload.get("expires_at") is not None:
-        if entry_type != "credit":
-            raise EntryRejected("expires_at applies to credits only")
-        try:
-            expires_at = parse_instant(payload["expires_at"])
-        except InvalidInstant as error:
-            raise EntryRejected(f"expires_at {error}") from None
-    return EntryRequest(entry_type=entry_type, amount=str(amount), idempotency_key=key, reason=reason,
-                        metadata=metadata, expires_at=expires_at)
+    if body.expires_at is not None and body.entry_type != "credit":
+        raise EntryRejected("expires_at applies to credits only")
+    return EntryRequest(entry_type=body.entry_type, amount=str(amount), idempotency_key=body.idempotency_key,
+                        reason=body.reason, metadata=body.metadata or {}, expires_at=body.expires_at)
 
 
 def _recorded(session: Session, entitlement_id: str, customer_id: str, request: EntryRequest) -> LedgerRequest | None:

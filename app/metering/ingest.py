@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,10 +26,9 @@ from app.errors import InvalidInput
 from app.ledger.amounts import AmountError, parse_decimal
 from app.metering.models import UsageEvent
 from app.models import Customer
-from app.times import InvalidInstant, parse_instant
+from app.validation import Identifier, Instant, Scalar, Text, problem
 
 MAX_EVENTS = 1000
-MAX_ID_LENGTH = 255
 MAX_METADATA_KEYS = 50
 MAX_METADATA_KEY_LENGTH = 100
 MAX_METADATA_VALUE_LENGTH = 500
@@ -84,43 +85,32 @@ class NewEvent:
     metadata: dict[str, Any] | None
 
 
-def _text(event: dict[str, Any], name: str, where: str) -> str:
-    value = event.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise IngestRejected(code="invalid_event", message=f"{where}.{name} must be a non-empty string")
-    if len(value) > MAX_ID_LENGTH:
-        raise IngestRejected(code="invalid_event", message=f"{where}.{name} must be at most {MAX_ID_LENGTH} characters")
+def _short(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_METADATA_VALUE_LENGTH:
+        raise ValueError(f"must be at most {MAX_METADATA_VALUE_LENGTH} characters")
     return value
 
 
-def _timestamp(raw: Any, where: str, now: datetime) -> datetime:
-    if raw is None:
-        return now
-    try:
-        moment = parse_instant(raw)
-    except InvalidInstant as error:
-        raise IngestRejected(code="invalid_event", message=f"{where}.timestamp {error}") from None
-    if moment < now - OLDEST_TIMESTAMP or moment > now + FUTURE_TOLERANCE:
-        raise IngestRejected(code="invalid_event",
-                             message=f"{where}.timestamp must be within the last hour and at most 5 minutes ahead")
-    return moment
+Metadata = Annotated[
+    dict[Annotated[Text, Field(max_length=MAX_METADATA_KEY_LENGTH)], Annotated[Scalar, AfterValidator(_short)]],
+    Field(max_length=MAX_METADATA_KEYS),
+]
 
 
-def _metadata(raw: Any, where: str) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise IngestRejected(code="invalid_event", message=f"{where}.metadata must be an object")
-    if len(raw) > MAX_METADATA_KEYS:
-        raise IngestRejected(code="invalid_event", message=f"{where}.metadata may hold at most {MAX_METADATA_KEYS} keys")
-    for key, value in raw.items():
-        if len(key) > MAX_METADATA_KEY_LENGTH:
-            raise IngestRejected(code="invalid_event", message=f"{where}.metadata keys must be at most {MAX_METADATA_KEY_LENGTH} characters")
-        if not isinstance(value, (str, int, float, bool)):
-            raise IngestRejected(code="invalid_event", message=f"{where}.metadata.{key} must be a string, number or boolean")
-        if isinstance(value, str) and len(value) > MAX_METADATA_VALUE_LENGTH:
-            raise IngestRejected(code="invalid_event", message=f"{where}.metadata.{key} must be at most {MAX_METADATA_VALUE_LENGTH} characters")
-    return raw
+class IngestedEvent(BaseModel):
+    """One event as Dodo's ingest API takes it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: Identifier
+    customer_id: Identifier
+    event_name: Identifier
+    timestamp: Instant | None = None
+    metadata: Metadata | None = None
+
+
+INGESTED_EVENTS = TypeAdapter(list[IngestedEvent])
+"""The whole list in one call: the per-event loop stays in pydantic's core."""
 
 
 def parse_batch(payload: Any, catalogue: Catalogue, now: datetime) -> list[NewEvent]:
@@ -129,29 +119,34 @@ def parse_batch(payload: Any, catalogue: Catalogue, now: datetime) -> list[NewEv
         raise IngestRejected(code="invalid_request", message="the body must be {\"events\": [...]}")
     raw_events = payload["events"]
     if len(raw_events) > MAX_EVENTS:
-        raise IngestRejected(code="too_many_events", message=f"at most {MAX_EVENTS} events per request, got {len(raw_events)}")
+        raise IngestRejected(code="too_many_events",
+                             message=f"at most {MAX_EVENTS} events per request, got {len(raw_events)}")
+    try:
+        parsed = INGESTED_EVENTS.validate_python(raw_events)
+    except ValidationError as error:
+        raise IngestRejected(code="invalid_event", message=problem(error, "events")) from None
     events: list[NewEvent] = []
     seen: set[str] = set()
-    for index, raw in enumerate(raw_events):
+    for index, event in enumerate(parsed):
         where = f"events[{index}]"
-        if not isinstance(raw, dict):
-            raise IngestRejected(code="invalid_event", message=f"{where} must be an object")
-        event_id = _text(raw, "event_id", where)
-        if event_id in seen:
-            raise IngestRejected(code="duplicate_event_id", message=f"{where}.event_id {event_id!r} appears twice in this request")
-        seen.add(event_id)
-        event_name = _text(raw, "event_name", where)
-        metadata = _metadata(raw.get("metadata"), where)
-        meters = meters_for(catalogue, event_name)
+        if event.timestamp is not None and not now - OLDEST_TIMESTAMP <= event.timestamp <= now + FUTURE_TOLERANCE:
+            raise IngestRejected(code="invalid_event",
+                                 message=f"{where}.timestamp must be within the last hour and at most 5 minutes ahead")
+        if event.event_id in seen:
+            raise IngestRejected(code="duplicate_event_id",
+                                 message=f"{where}.event_id {event.event_id!r} appears twice in this request")
+        seen.add(event.event_id)
+        meters = meters_for(catalogue, event.event_name)
         if not meters:
-            raise IngestRejected(code="unknown_meter", message=f"{where}: no meter counts events named {event_name!r}")
+            raise IngestRejected(code="unknown_meter",
+                                 message=f"{where}: no meter counts events named {event.event_name!r}")
         for meter in meters:
             try:
-                metered_value(meter, metadata)
+                metered_value(meter, event.metadata)
             except AmountError as error:
                 raise IngestRejected(code="invalid_amount", message=f"{where}: {error}") from None
-        events.append(NewEvent(event_id=event_id, customer_id=_text(raw, "customer_id", where), event_name=event_name,
-                               timestamp=_timestamp(raw.get("timestamp"), where, now), metadata=metadata))
+        events.append(NewEvent(event_id=event.event_id, customer_id=event.customer_id, event_name=event.event_name,
+                               timestamp=event.timestamp or now, metadata=event.metadata))
     return events
 
 
@@ -161,7 +156,8 @@ def _check_customers(session: Session, events: list[NewEvent]) -> None:
     unknown = sorted(wanted - known)
     if unknown:
         shown = ", ".join(repr(customer) for customer in unknown[:5])
-        raise IngestRejected(code="unknown_customer", message=f"unknown customer(s): {shown}{' …' if len(unknown) > 5 else ''}")
+        more = " …" if len(unknown) > 5 else ""
+        raise IngestRejected(code="unknown_customer", message=f"unknown customer(s): {shown}{more}")
 
 
 def store_batch(db: Database, events: list[NewEvent], now: datetime) -> list[int]:
