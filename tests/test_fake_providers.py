@@ -8,13 +8,19 @@ The Dodo client validates responses strictly, so a shape that drifts from the SD
 
 from __future__ import annotations
 
+import itertools
 import time
 import tracemalloc
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
+import dodopayments
 import pytest
 import stripe
+from dodopayments.types import CreditDeductedWebhookEvent, CreditOverageChargedWebhookEvent
+from fakes.dodo_api import DodoFake, LedgerError
 from fakes.stripe_api import StripeFake
 from stripe.events import V1BillingMeterErrorReportTriggeredEvent
 
@@ -48,6 +54,18 @@ def stripe_fake(clock: Clock) -> Iterator[StripeFake]:
 @pytest.fixture
 def stripe_client(stripe_fake: StripeFake) -> stripe.StripeClient:
     return stripe.StripeClient("sk_test_fake", base_addresses={"api": stripe_fake.url}, max_network_retries=0)
+
+
+@pytest.fixture
+def dodo_fake(clock: Clock) -> Iterator[DodoFake]:
+    with DodoFake(clock=clock) as fake:
+        yield fake
+
+
+@pytest.fixture
+def dodo_client(dodo_fake: DodoFake) -> dodopayments.DodoPayments:
+    return dodopayments.DodoPayments(bearer_token="dodo_test_fake", base_url=dodo_fake.url, max_retries=0,
+                                     _strict_response_validation=True)
 
 
 # -- Stripe: lists -----------------------------------------------------------------------------------
@@ -286,3 +304,216 @@ def test_stripe_fifty_thousand_subscriptions_page_by_bisection(stripe_fake: Stri
     assert [sub.id for sub in deep.data] == ids[29_999:29_899:-1] and deep.has_more
     assert len(tail.data) == 100 and not tail.has_more
     assert peak < 20_000_000  # one page's worth (client included), not a copy of 50,000 subscriptions
+
+
+# -- Dodo: pagination --------------------------------------------------------------------------------
+
+
+def test_dodo_paging_by_hand_from_page_zero_gets_every_balance(dodo_fake: DodoFake,
+                                                               dodo_client: dodopayments.DodoPayments) -> None:
+    dodo_fake.add_entitlement("cde_calls")
+    customers = dodo_fake.seed_balances("cde_calls", 250)
+
+    seen: list[str] = []
+    page_number = 0
+    while True:
+        page = dodo_client.credit_entitlements.balances.list("cde_calls", page_number=page_number, page_size=100)
+        seen += [balance.customer_id for balance in page.items]
+        if len(page.items) < 100:
+            break
+        page_number += 1
+
+    assert seen == customers
+    assert dodo_fake.calls == 3
+
+
+def test_dodo_sdk_auto_pagination_skips_page_one(dodo_fake: DodoFake,
+                                                 dodo_client: dodopayments.DodoPayments) -> None:
+    """Why reconciliation pages by hand: the SDK asks for page (page_number or 1) + 1 after page 0."""
+    dodo_fake.add_entitlement("cde_calls")
+    customers = dodo_fake.seed_balances("cde_calls", 250)
+
+    seen = [balance.customer_id for balance in
+            dodo_client.credit_entitlements.balances.list("cde_calls", page_number=0, page_size=100)]
+
+    assert seen == customers[:100] + customers[200:]  # page 1 (customers 100..199) never requested
+    assert [dict(call.query).get("page_number") for call in dodo_fake.log] == ["0", "2", "3"]
+
+
+def test_dodo_page_size_above_100_is_refused(dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments) -> None:
+    dodo_fake.add_entitlement("cde_calls")
+    with pytest.raises(dodopayments.UnprocessableEntityError):
+        dodo_client.credit_entitlements.balances.list("cde_calls", page_size=101)
+
+
+# -- Dodo: the ledger --------------------------------------------------------------------------------
+
+
+def test_dodo_ledger_model_moves_balance_then_overage(dodo_fake: DodoFake) -> None:
+    dodo_fake.add_entitlement("cde_calls", overage_enabled=True, overage_limit="150")
+
+    added = dodo_fake.grant("cus_1", "cde_calls", "1000")
+    used = dodo_fake.deduct("cus_1", "cde_calls", "300")
+    crossing = dodo_fake.deduct("cus_1", "cde_calls", "800")
+
+    def row(entry: dict[str, object]) -> tuple[object, ...]:
+        return (entry["transaction_type"], entry["amount"], entry["is_credit"], entry["balance_before"],
+                entry["balance_after"], entry["overage_before"], entry["overage_after"])
+
+    assert [row(entry) for entry in [added, *used, *crossing]] == [
+        ("credit_added", "1000.00", True, "0.00", "1000.00", "0.00", "0.00"),
+        ("credit_deducted", "300.00", False, "1000.00", "700.00", "0.00", "0.00"),
+        ("credit_deducted", "700.00", False, "700.00", "0.00", "0.00", "0.00"),
+        ("overage_charged", "100.00", False, "0.00", "0.00", "0.00", "100.00"),
+    ]
+    assert used[0]["grant_id"] == added["grant_id"]
+    dodo_fake.deduct("cus_1", "cde_calls", "60")  # 100 < 150: allowed, overage may pass the limit once
+    with pytest.raises(LedgerError):
+        dodo_fake.deduct("cus_1", "cde_calls", "1")  # 160 >= 150: the limit is reached
+    reset = dodo_fake.reset_overage("cus_1", "cde_calls")
+    assert reset is not None and (reset["overage_before"], reset["overage_after"]) == ("160.00", "0.00")
+    chain = dodo_fake.ledger("cus_1", "cde_calls")
+    assert all(a["balance_after"] == b["balance_before"] and a["overage_after"] == b["overage_before"]
+               for a, b in itertools.pairwise(chain))
+
+
+def test_dodo_ledger_model_variants(clock: Clock) -> None:
+    fake = DodoFake(clock=clock, crossing_deduction="single")
+    fake.add_entitlement("cde_over", overage_enabled=True)
+    fake.add_entitlement("cde_capped", overage_enabled=False, precision=0)
+    fake.add_entitlement("cde_repay", overage_enabled=True, overage_behavior="carry_deficit_auto_repay")
+
+    fake.grant("cus_1", "cde_over", "10")
+    [single] = fake.deduct("cus_1", "cde_over", "25")
+    fake.grant("cus_1", "cde_capped", "10")
+    [capped] = fake.deduct("cus_1", "cde_capped", "25")
+    fake.deduct("cus_1", "cde_repay", "30")
+    repaid = fake.grant("cus_1", "cde_repay", "50")
+
+    assert (single["amount"], single["balance_after"], single["overage_after"]) == ("25.00", "0.00", "15.00")
+    assert (capped["amount"], capped["balance_after"], capped["overage_after"]) == ("10", "0", "0")
+    assert fake.deduct("cus_1", "cde_capped", "5") == []  # nothing left and no overage: nothing recorded
+    assert (repaid["balance_after"], repaid["overage_before"], repaid["overage_after"]) == ("20.00", "30.00", "0.00")
+    with pytest.raises(LedgerError):
+        fake.add_entry("cus_1", "cde_capped", "credit_expired", "1")  # a balance never goes below zero
+
+
+def test_dodo_list_ledger_filters_by_date_and_type(dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments,
+                                                   clock: Clock) -> None:
+    dodo_fake.add_entitlement("cde_calls", overage_enabled=True)
+    dodo_fake.grant("cus_1", "cde_calls", "100")
+    clock.advance(3600)
+    since = datetime.fromtimestamp(clock(), UTC)
+    recent = [dodo_fake.deduct("cus_1", "cde_calls", "10")[0]["id"]]
+    clock.advance(60)
+    recent += [entry["id"] for entry in dodo_fake.deduct("cus_1", "cde_calls", "95")]
+
+    ledger = dodo_client.credit_entitlements.balances.list_ledger(
+        "cus_1", credit_entitlement_id="cde_calls", start_date=since, page_size=100)
+
+    assert [entry.id for entry in ledger.items] == recent[::-1]  # newest first
+    assert dict(dodo_fake.log[-1].query)["start_date"] == since.isoformat()  # "…+00:00", as the SDK sends it
+    charged = dodo_client.credit_entitlements.balances.list_ledger(
+        "cus_1", credit_entitlement_id="cde_calls", transaction_type="overage_charged")
+    assert [entry.amount for entry in charged.items] == ["5.00"]
+    before = dodo_client.credit_entitlements.balances.list_ledger(
+        "cus_1", credit_entitlement_id="cde_calls", end_date=since - timedelta(seconds=1))
+    assert [entry.transaction_type for entry in before.items] == ["credit_added"]
+
+
+def test_dodo_balance_drift_no_entry_explains(dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments) -> None:
+    dodo_fake.add_entitlement("cde_calls")
+    last = dodo_fake.grant("cus_1", "cde_calls", "100")
+
+    dodo_fake.set_balance_without_entry("cus_1", "cde_calls", balance="90")
+
+    balance = dodo_client.credit_entitlements.balances.retrieve("cus_1", credit_entitlement_id="cde_calls")
+    assert (balance.balance, last["balance_after"]) == ("90.00", "100.00")
+    assert balance.last_transaction_at == datetime.fromisoformat(last["created_at"])
+
+
+def test_dodo_renewal_expires_resets_and_grants(dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments) -> None:
+    dodo_fake.add_entitlement("cde_calls", overage_enabled=True, overage_limit="100")
+    sub = dodo_fake.add_subscription("cus_1", cart=[("cde_calls", "1000")])
+    dodo_fake.deduct("cus_1", "cde_calls", "400")
+
+    entries = dodo_fake.renew_subscription(sub["subscription_id"])
+
+    assert [(entry["transaction_type"], entry["amount"]) for entry in entries] == [
+        ("credit_expired", "600.00"), ("credit_added", "1000.00")]
+    usage = dodo_client.subscriptions.retrieve_credit_usage(sub["subscription_id"])
+    assert (usage.items[0].balance, usage.items[0].remaining_headroom) == ("1000.00", "100.00")
+    renewed = dodo_client.subscriptions.retrieve(sub["subscription_id"])
+    assert renewed.previous_billing_date == datetime.fromisoformat(sub["next_billing_date"])
+
+
+def test_dodo_webhook_payload_is_the_sdk_webhook_model(dodo_fake: DodoFake) -> None:
+    dodo_fake.add_entitlement("cde_calls", overage_enabled=True)
+    dodo_fake.grant("cus_1", "cde_calls", "5")
+    deducted, charged = dodo_fake.deduct("cus_1", "cde_calls", "7")
+
+    first = CreditDeductedWebhookEvent.model_validate(dodo_fake.webhook_payload(deducted))
+    second = CreditOverageChargedWebhookEvent.model_validate(dodo_fake.webhook_payload(charged))
+
+    assert (first.type, first.data.balance_after) == ("credit.deducted", "0.00")
+    assert (second.type, Decimal(second.data.overage_after)) == ("credit.overage_charged", Decimal(2))
+
+
+def test_dodo_every_endpoint_matches_the_sdk_models(dodo_fake: DodoFake,
+                                                    dodo_client: dodopayments.DodoPayments) -> None:
+    dodo_fake.add_entitlement("cde_calls", overage_enabled=True, overage_limit="50")
+    sub = dodo_fake.add_subscription("cus_1", cart=[("cde_calls", "100")])["subscription_id"]
+
+    assert dodo_client.credit_entitlements.list(page_size=100).items[0].id == "cde_calls"
+    assert dodo_client.credit_entitlements.retrieve("cde_calls").overage_limit == 50
+    assert dodo_client.credit_entitlements.balances.list("cde_calls", customer_id="cus_1").items[0].balance == "100.00"
+    grants = dodo_client.credit_entitlements.balances.list_grants("cus_1", credit_entitlement_id="cde_calls",
+                                                                  status="active")
+    assert grants.items[0].remaining_amount == "100.00" and grants.items[0].source_id == sub
+    assert dodo_client.subscriptions.list(status="active").items[0].subscription_id == sub
+    assert dodo_client.subscriptions.retrieve(sub).credit_entitlement_cart[0].credits_amount == "100.00"
+    with pytest.raises(dodopayments.NotFoundError) as missing:
+        dodo_client.subscriptions.retrieve("sub_missing")
+    assert isinstance(missing.value.body, dict) and set(missing.value.body) == {"code", "message"}
+
+
+# -- Dodo: errors and faults -------------------------------------------------------------------------
+
+
+def test_dodo_rate_limit_server_error_and_down(dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments) -> None:
+    dodo_fake.fail_next(1, status=429, retry_after=3)
+    with pytest.raises(dodopayments.RateLimitError) as limited:
+        dodo_client.credit_entitlements.list()
+    assert limited.value.response.headers["retry-after"] == "3"
+    assert isinstance(limited.value.body, dict) and set(limited.value.body) == {"code", "message"}
+
+    dodo_fake.fail_next(1, status=500)
+    with pytest.raises(dodopayments.InternalServerError):
+        dodo_client.credit_entitlements.list()
+
+    dodo_fake.down()
+    with pytest.raises(dodopayments.APIConnectionError):
+        dodo_client.credit_entitlements.list()
+    dodo_fake.up()
+    assert dodo_client.credit_entitlements.list().items == []
+    assert dodo_fake.calls == 3  # no SDK retries with max_retries=0; refused connections never arrive
+
+
+def test_dodo_requires_the_bearer_token(clock: Clock) -> None:
+    with DodoFake(clock=clock, api_key="dodo_test_right") as fake:
+        wrong = dodopayments.DodoPayments(bearer_token="dodo_test_wrong", base_url=fake.url, max_retries=0)
+        with pytest.raises(dodopayments.AuthenticationError):
+            wrong.credit_entitlements.list()
+
+
+def test_dodo_fifty_thousand_balances_page_flat(dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments) -> None:
+    dodo_fake.add_entitlement("cde_calls")
+    started = time.process_time()
+    customers = dodo_fake.seed_balances("cde_calls", 50_000)
+    assert time.process_time() - started < 5  # CPU time: a loaded machine must not fail it
+
+    last = dodo_client.credit_entitlements.balances.list("cde_calls", page_number=499, page_size=100)
+    beyond = dodo_client.credit_entitlements.balances.list("cde_calls", page_number=500, page_size=100)
+
+    assert [balance.customer_id for balance in last.items] == customers[49_900:]
+    assert beyond.items == []
