@@ -40,6 +40,13 @@ class Clock:
         self.now += seconds
 
 
+@pytest.fixture(autouse=True)
+def no_proxy_for_the_fakes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """requests and httpx honour HTTP(S)_PROXY: a developer's proxy must not swallow calls to 127.0.0.1."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
