@@ -9,7 +9,7 @@ the busy timeout instead of deadlocking when both try to upgrade a read lock.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol, cast
 from sqlalchemy import DateTime, Engine, FromClause, Row, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -120,6 +121,42 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def async_url(url: str) -> str:
+    """The same database through an asyncio driver: asyncpg for PostgreSQL, aiosqlite for SQLite."""
+    scheme, rest = url.split("://", 1)
+    return f"{'sqlite+aiosqlite' if scheme.startswith('sqlite') else 'postgresql+asyncpg'}://{rest}"
+
+
+class AsyncDatabase:
+    """The same database for the event loop: Core connections, no thread hop.
+
+    asyncpg connections belong to the loop that opened them, so each app builds its own in its
+    lifespan and disposes of it there.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.engine = create_async_engine(async_url(url), connect_args={"timeout": 30},
+                                              pool_size=pool_size, max_overflow=10)
+            _configure_sqlite(self.engine.sync_engine)
+        else:
+            self.engine = create_async_engine(async_url(url), pool_size=pool_size, max_overflow=10,
+                                              connect_args={"timeout": 3})
+        self._writing = self.engine.execution_options(tally_write=True)
+
+    def write(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A transaction that commits on success and rolls back on any error."""
+        return self._writing.begin()
+
+    def read(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self.engine.begin()
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -34,15 +34,18 @@ class Jobs:
     """The actors declared on one broker, and the doorbells that send to them."""
 
     broker: Broker
-    apply_inbox_event: dramatiq.Actor[[int], None]
+    apply_inbox_events: dramatiq.Actor[[list[int]], None]
     apply_usage_events: dramatiq.Actor[[list[int]], None]
     sweep_inbox: dramatiq.Actor[[], None]
     sweep_usage_events: dramatiq.Actor[[], None]
     expire_periods: dramatiq.Actor[[], None]
 
+    def enqueue_events(self, inbox_event_ids: list[int]) -> None:
+        """The doorbell for stored inbox events: one message for a batch."""
+        self.broker.enqueue(self.apply_inbox_events.message(inbox_event_ids))
+
     def enqueue_event(self, inbox_event_id: int) -> None:
-        """The doorbell for one stored inbox event."""
-        self.broker.enqueue(self.apply_inbox_event.message(inbox_event_id))
+        self.enqueue_events([inbox_event_id])
 
     def enqueue_usage(self, usage_event_ids: list[int]) -> None:
         """The doorbell for newly stored usage events: one message per ingest batch."""
@@ -60,8 +63,16 @@ def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
     sweep_after = timedelta(seconds=settings.sweep_after_seconds)
     jobs: Jobs
 
-    def apply_inbox_event(inbox_event_id: int) -> None:
-        processing.apply_event(db, settings.catalogue, inbox_event_id, max_attempts=settings.max_attempts)
+    def apply_inbox_events(inbox_event_ids: list[int]) -> None:
+        """Each event in its own transaction; a retryable failure retries the message (done ones are no-ops)."""
+        failures = []
+        for inbox_event_id in inbox_event_ids:
+            try:
+                processing.apply_event(db, settings.catalogue, inbox_event_id, max_attempts=settings.max_attempts)
+            except processing.RetryableFailure as failure:
+                failures.append(failure)
+        if failures:
+            raise failures[0]
 
     def apply_usage_events(usage_event_ids: list[int]) -> None:
         """Refusals are recorded on the events; other errors retry."""
@@ -82,7 +93,7 @@ def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
 
     jobs = Jobs(
         broker=broker,
-        apply_inbox_event=declare(apply_inbox_event, EVENTS_QUEUE, **retries),
+        apply_inbox_events=declare(apply_inbox_events, EVENTS_QUEUE, **retries),
         apply_usage_events=declare(apply_usage_events, USAGE_QUEUE, **retries),
         sweep_inbox=declare(sweep_inbox, MAINTENANCE_QUEUE, max_retries=0),
         sweep_usage_events=declare(sweep_usage_events, MAINTENANCE_QUEUE, max_retries=0),

@@ -24,7 +24,11 @@ from app.api import webhooks
 from app.api.auth import Authenticator
 from app.api.http import EXCEPTION_HANDLERS, Services, services
 from app.config import Settings, get_settings
-from app.db import Database, get_database, utcnow
+from app.db import AsyncDatabase, Database, get_database, table_of, utcnow
+from app.doorbell import ring
+from app.group_commit import GroupCommit
+from app.metering.models import UsageEvent
+from app.models import InboxEvent
 from app.queue import build_broker, ping, start_inprocess_worker
 from app.tasks import Jobs, declare_jobs, start_clock_in_background
 
@@ -95,6 +99,9 @@ def create_app(
         try:
             yield
         finally:
+            await app_services.inbox_intake.close()
+            await app_services.usage_intake.close()
+            await app_services.adb.dispose()
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             if worker is not None:
@@ -114,9 +121,20 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
-    app.state.services = Services(
+    adb = AsyncDatabase(db.url, pool_size=settings.db_pool_size)
+
+    async def ring_events(ids: list[int]) -> None:
+        await anyio.to_thread.run_sync(ring, jobs.enqueue_events, ids)
+
+    async def ring_usage(ids: list[int]) -> None:
+        await anyio.to_thread.run_sync(ring, jobs.enqueue_usage, ids)
+
+    app_services = app.state.services = Services(
         settings=settings,
         db=db,
+        adb=adb,
+        inbox_intake=GroupCommit(adb, table_of(InboxEvent), ("provider", "provider_event_id"), ring=ring_events),
+        usage_intake=GroupCommit(adb, table_of(UsageEvent), ("event_id",), ring=ring_usage),
         enqueue_event=jobs.enqueue_event,
         enqueue_usage=jobs.enqueue_usage,
         authenticator=Authenticator(db, settings.api_keys),

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("app.times", "app.errors", "app.catalogue"),
     ("app.config",),
     ("app.db", "app.models"),
-    ("app.ledger", "app.keys", "app.doorbell", "app.validation"),
+    ("app.ledger", "app.keys", "app.doorbell", "app.validation", "app.group_commit"),
     ("app.billing",),
     ("app.providers", "app.metering"),
     ("app.inbox",),

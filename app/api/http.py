@@ -18,7 +18,8 @@ from starlette.responses import JSONResponse
 from app.api.auth import Authenticator, Principal
 from app.api.errors import status_for
 from app.config import Settings
-from app.db import Database
+from app.db import AsyncDatabase, Database
+from app.group_commit import GroupCommit
 from app.errors import Malformed, TallyError, TooLarge
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ class Services:
 
     settings: Settings
     db: Database
+    adb: AsyncDatabase
+    inbox_intake: GroupCommit
+    usage_intake: GroupCommit
     enqueue_event: Callable[[int], None]
     enqueue_usage: Callable[[list[int]], None]
     authenticator: Authenticator

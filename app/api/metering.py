@@ -13,7 +13,6 @@ from app.api.auth import Principal
 from app.api.http import authenticate, read_json, services
 from app.api.pagination import page_from
 from app.api.params import instant_param
-from app.doorbell import ring
 from app.errors import Forbidden
 from app.ledger.amounts import format_atoms
 from app.metering import entries, history, ingest
@@ -29,13 +28,6 @@ def _require_service(principal: Principal) -> None:
         raise Forbidden("only service tokens may write usage and ledger entries")
 
 
-def _ingest(request: Request, payload: Any) -> list[int]:
-    app = services(request)
-    now = app.clock()
-    events = ingest.parse_batch(payload, app.settings.catalogue, now)
-    return ingest.store_batch(app.db, events, now)
-
-
 async def ingest_events(request: Request) -> JSONResponse:
     """
     summary: Report usage events (Dodo's shape); stored before the answer, applied by workers
@@ -48,10 +40,12 @@ async def ingest_events(request: Request) -> JSONResponse:
     """
     _require_service(await authenticate(request))
     payload = await read_json(request, INGEST_MAX_BODY_BYTES)
-    ids = await run_in_threadpool(_ingest, request, payload)
-    if ids:
-        await run_in_threadpool(ring, services(request).enqueue_usage, ids)
-    return JSONResponse({"ingested_count": len(ids)})
+    app = services(request)
+    now = app.clock()
+    events = ingest.parse_batch(payload, app.settings.catalogue, now)
+    await ingest.check_customers(app.adb, events)
+    ids = await app.usage_intake.submit(ingest.rows_for(events, now))  # rings the workers itself
+    return JSONResponse({"ingested_count": sum(1 for new_id in ids if new_id is not None)})
 
 
 def entry_answer(outcome: entries.EntryOutcome) -> tuple[int, dict[str, Any]]:

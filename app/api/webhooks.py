@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import Counter
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from app.api.http import parse_json, read_body, services
 from app.errors import Malformed, Unavailable
-from app.inbox.store import receive_event
+from app.times import utcnow
+from app.validation import MAX_ID_LENGTH, storable
 from app.providers.dodo.signature import verify_dodo_signature
 from app.providers.stripe.signature import verify_stripe_signature
 
@@ -29,11 +29,16 @@ def _event_json(body: bytes) -> dict[str, Any]:
 async def _accept(request: Request, *, provider: str, event_id: Any, event_type: Any, body: bytes) -> JSONResponse:
     if not isinstance(event_id, str) or not event_id or not isinstance(event_type, str) or not event_type:
         raise Malformed("the event needs a string id and type", code="invalid_event")
-    app = services(request)
-    inbox_event_id = await run_in_threadpool(
-        receive_event, app.db, app.enqueue_event, provider=provider, event_id=event_id, event_type=event_type,
-        body=body.decode("utf-8"),
-    )
+    for name, value in (("id", event_id), ("type", event_type)):
+        if len(value) > MAX_ID_LENGTH:
+            raise Malformed(f"the event's {name} is longer than {MAX_ID_LENGTH} characters", code="invalid_event")
+        try:
+            storable(value)
+        except ValueError as error:
+            raise Malformed(f"the event's {name} {error}", code="invalid_event") from None
+    row = {"provider": provider, "provider_event_id": event_id, "type": event_type, "body": body.decode("utf-8"),
+           "received_at": utcnow(), "status": "pending", "attempts": 0}
+    [inbox_event_id] = await services(request).inbox_intake.submit([row])
     if inbox_event_id is None:
         WEBHOOKS.labels(provider, "duplicate").inc()
         return JSONResponse({"received": True, "duplicate": True})

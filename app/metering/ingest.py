@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.catalogue import Catalogue, MeterSpec
-from app.db import Database, insert_ignoring_conflicts_statement, table_of
+from app.db import AsyncDatabase, Database, insert_ignoring_conflicts_statement, table_of
 from app.errors import InvalidInput
 from app.ledger.amounts import AmountError, parse_decimal
 from app.metering.models import UsageEvent
@@ -150,9 +150,7 @@ def parse_batch(payload: Any, catalogue: Catalogue, now: datetime) -> list[NewEv
     return events
 
 
-def _check_customers(session: Session, events: list[NewEvent]) -> None:
-    wanted = {event.customer_id for event in events}
-    known = set(session.execute(select(Customer.id).where(Customer.id.in_(wanted))).scalars()) if wanted else set()
+def _refuse_unknown(wanted: set[str], known: set[str]) -> None:
     unknown = sorted(wanted - known)
     if unknown:
         shown = ", ".join(repr(customer) for customer in unknown[:5])
@@ -160,15 +158,30 @@ def _check_customers(session: Session, events: list[NewEvent]) -> None:
         raise IngestRejected(code="unknown_customer", message=f"unknown customer(s): {shown}{more}")
 
 
+def rows_for(events: list[NewEvent], now: datetime) -> list[dict[str, Any]]:
+    """The `usage_events` rows of a validated batch."""
+    return [{"event_id": event.event_id, "customer_id": event.customer_id, "event_name": event.event_name,
+             "timestamp": event.timestamp, "metadata": event.metadata, "received_at": now, "status": "pending",
+             "last_enqueued_at": now} for event in events]
+
+
 def store_batch(db: Database, events: list[NewEvent], now: datetime) -> list[int]:
     """Insert the events that are new (ON CONFLICT DO NOTHING on event_id); the ids of those inserted."""
     if not events:
         return []
-    rows = [{"event_id": event.event_id, "customer_id": event.customer_id, "event_name": event.event_name,
-             "timestamp": event.timestamp, "metadata": event.metadata, "received_at": now, "status": "pending",
-             "last_enqueued_at": now} for event in events]
     with db.write() as session:
-        _check_customers(session, events)
+        wanted = {event.customer_id for event in events}
+        _refuse_unknown(wanted, set(session.execute(select(Customer.id).where(Customer.id.in_(wanted))).scalars()))
         statement = insert_ignoring_conflicts_statement(session, UsageEvent)
-        return list(session.execute(statement.returning(table_of(UsageEvent).c.id), rows).scalars())
+        return list(session.execute(statement.returning(table_of(UsageEvent).c.id), rows_for(events, now)).scalars())
 
+
+async def check_customers(db: AsyncDatabase, events: list[NewEvent]) -> None:
+    """Refuse the batch when it names a customer Tally does not know (customers are never deleted,
+    so checking before the group-committed insert is as good as checking inside it)."""
+    wanted = {event.customer_id for event in events}
+    if not wanted:
+        return
+    async with db.read() as connection:
+        known = set((await connection.execute(select(Customer.id).where(Customer.id.in_(wanted)))).scalars())
+    _refuse_unknown(wanted, known)
