@@ -19,8 +19,8 @@ from app.api.auth import Authenticator, Principal
 from app.api.errors import status_for
 from app.config import Settings
 from app.db import AsyncDatabase, Database
-from app.group_commit import GroupCommit
 from app.errors import Malformed, TallyError, TooLarge
+from app.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
