@@ -90,8 +90,9 @@ def create_app(
         if run_workers:
             worker = start_inprocess_worker(jobs.broker, settings.worker_threads)
             scheduler = start_clock_in_background(jobs)
-            log.info("in-process broker: %s worker threads and the clock run inside this process",
-                     settings.worker_threads)
+            log.info(
+                "in-process broker: %s worker threads and the clock run inside this process", settings.worker_threads
+            )
         try:
             yield
         finally:

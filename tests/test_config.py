@@ -16,10 +16,24 @@ FIXTURE_PLANS = Path(__file__).parent / "fixtures" / "plans.toml"
 DODO_KEY = "whsec_dGFsbHktZG9kby1jdXJyZW50LXRlc3Qta2V5LTAxMjM0NTY3"
 DODO_OLD_KEY = "whsec_dGFsbHktZG9kby1vbGQtcm90YXRlZC1rZXktNzY1NDMyMTA="
 VARIABLES = (
-    "DATABASE_URL", "REDIS_URL", "BROKER_URL", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_KEY", "STRIPE_API_BASE",
-    "DODO_PAYMENTS_WEBHOOK_KEY", "DODO_PAYMENTS_API_KEY", "DODO_PAYMENTS_BASE_URL", "TALLY_API_KEYS", "TALLY_PLANS",
-    "TALLY_APPROACHING_LIMIT", "TALLY_MAX_ATTEMPTS", "TALLY_RETRY_MIN_BACKOFF_MS", "TALLY_RETRY_MAX_BACKOFF_MS",
-    "TALLY_SWEEP_AFTER_SECONDS", "TALLY_WORKER_THREADS", "TALLY_DB_POOL_SIZE",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "BROKER_URL",
+    "STRIPE_WEBHOOK_SECRET",
+    "STRIPE_API_KEY",
+    "STRIPE_API_BASE",
+    "DODO_PAYMENTS_WEBHOOK_KEY",
+    "DODO_PAYMENTS_API_KEY",
+    "DODO_PAYMENTS_BASE_URL",
+    "TALLY_API_KEYS",
+    "TALLY_PLANS",
+    "TALLY_APPROACHING_LIMIT",
+    "TALLY_MAX_ATTEMPTS",
+    "TALLY_RETRY_MIN_BACKOFF_MS",
+    "TALLY_RETRY_MAX_BACKOFF_MS",
+    "TALLY_SWEEP_AFTER_SECONDS",
+    "TALLY_WORKER_THREADS",
+    "TALLY_DB_POOL_SIZE",
 )
 
 
@@ -39,16 +53,18 @@ def test_every_problem_is_reported_at_once(tmp_path: Path):
     bad_plans = tmp_path / "plans.toml"
     bad_plans.write_text('[plans.x]\nstripe_price = "p"\nincluded = -5\n')
     with pytest.raises(ConfigError) as caught:
-        settings_from_env({
-            "DATABASE_URL": "mysql://nope",
-            "BROKER_URL": "kafka://x",
-            "STRIPE_WEBHOOK_SECRET": "sk_live_not_a_webhook_secret",
-            "DODO_PAYMENTS_WEBHOOK_KEY": "whsec_***not base64***",
-            "TALLY_API_KEYS": "short",
-            "TALLY_PLANS": str(bad_plans),
-            "TALLY_MAX_ATTEMPTS": "many",
-            "TALLY_APPROACHING_LIMIT": "2",
-        })
+        settings_from_env(
+            {
+                "DATABASE_URL": "mysql://nope",
+                "BROKER_URL": "kafka://x",
+                "STRIPE_WEBHOOK_SECRET": "sk_live_not_a_webhook_secret",
+                "DODO_PAYMENTS_WEBHOOK_KEY": "whsec_***not base64***",
+                "TALLY_API_KEYS": "short",
+                "TALLY_PLANS": str(bad_plans),
+                "TALLY_MAX_ATTEMPTS": "many",
+                "TALLY_APPROACHING_LIMIT": "2",
+            }
+        )
     problems = caught.value.problems
     assert len(problems) == 8
     assert all("\n" not in line for line in problems)
@@ -57,10 +73,12 @@ def test_every_problem_is_reported_at_once(tmp_path: Path):
 
 def test_the_catalogue_is_checked(tmp_path: Path):
     plans = tmp_path / "plans.toml"
-    plans.write_text('[plans.a]\nincluded = 10\nhard_cap = 5\nstripe_price = "p"\n'
-                     '[plans.b]\nincluded = 1\n'
-                     '[plans.c]\nincluded = 1.5\nstripe_price = "q"\n'
-                     '[meters.m]\nevent_name = "e"\nentitlement = "x"\naggregation = "sum"\n')
+    plans.write_text(
+        '[plans.a]\nincluded = 10\nhard_cap = 5\nstripe_price = "p"\n'
+        "[plans.b]\nincluded = 1\n"
+        '[plans.c]\nincluded = 1.5\nstripe_price = "q"\n'
+        '[meters.m]\nevent_name = "e"\nentitlement = "x"\naggregation = "sum"\n'
+    )
     with pytest.raises(ConfigError) as caught:
         settings_from_env({"TALLY_PLANS": str(plans)})
     text = "\n".join(caught.value.problems)
@@ -73,8 +91,9 @@ def test_the_catalogue_is_checked(tmp_path: Path):
 
 def test_the_cli_fails_at_start_up_with_one_line():
     env = {**os.environ, "TALLY_API_KEYS": "short"}
-    result = subprocess.run([sys.executable, "-m", "app.cli", "verify"], env=env, capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "verify"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "tally: configuration error: TALLY_API_KEYS: every token must be at least 16 characters long"
@@ -84,21 +103,23 @@ def test_the_cli_fails_at_start_up_with_one_line():
 def test_each_problem_is_one_line_that_names_its_variable(tmp_path: Path):
     missing = tmp_path / "missing.toml"
     with pytest.raises(ConfigError) as caught:
-        settings_from_env({
-            "DATABASE_URL": "mysql://nope",
-            "REDIS_URL": "redis://127.0.0.1:6379/0",
-            "BROKER_URL": "redis://127.0.0.1:6379/1",
-            "STRIPE_API_BASE": "ftp://files.example",
-            "DODO_PAYMENTS_BASE_URL": "not a url",
-            "TALLY_PLANS": str(missing),
-            "TALLY_APPROACHING_LIMIT": "0",
-            "TALLY_MAX_ATTEMPTS": "x",
-            "TALLY_RETRY_MIN_BACKOFF_MS": "-1",
-            "TALLY_RETRY_MAX_BACKOFF_MS": "lots",
-            "TALLY_SWEEP_AFTER_SECONDS": "1.5",
-            "TALLY_WORKER_THREADS": "0",
-            "TALLY_DB_POOL_SIZE": "0",
-        })
+        settings_from_env(
+            {
+                "DATABASE_URL": "mysql://nope",
+                "REDIS_URL": "redis://127.0.0.1:6379/0",
+                "BROKER_URL": "redis://127.0.0.1:6379/1",
+                "STRIPE_API_BASE": "ftp://files.example",
+                "DODO_PAYMENTS_BASE_URL": "not a url",
+                "TALLY_PLANS": str(missing),
+                "TALLY_APPROACHING_LIMIT": "0",
+                "TALLY_MAX_ATTEMPTS": "x",
+                "TALLY_RETRY_MIN_BACKOFF_MS": "-1",
+                "TALLY_RETRY_MAX_BACKOFF_MS": "lots",
+                "TALLY_SWEEP_AFTER_SECONDS": "1.5",
+                "TALLY_WORKER_THREADS": "0",
+                "TALLY_DB_POOL_SIZE": "0",
+            }
+        )
     assert caught.value.problems == [
         "DATABASE_URL must be a sqlite:// or postgresql:// URL, got mysql://…",
         "set REDIS_URL or BROKER_URL, not both with different values",
@@ -118,8 +139,9 @@ def test_each_problem_is_one_line_that_names_its_variable(tmp_path: Path):
 
 def test_the_cli_prints_every_problem_from_the_process_environment():
     env = {**os.environ, "TALLY_API_KEYS": "short", "TALLY_MAX_ATTEMPTS": "0", "STRIPE_API_BASE": "localhost:12111"}
-    result = subprocess.run([sys.executable, "-m", "app.cli", "verify"], env=env, capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "verify"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "tally: configuration error: STRIPE_API_BASE must be an http:// or https:// URL",
@@ -129,11 +151,13 @@ def test_the_cli_prints_every_problem_from_the_process_environment():
 
 
 def test_comma_separated_lists_are_split_and_trimmed_not_read_as_json():
-    settings = settings_from_env({
-        "STRIPE_WEBHOOK_SECRET": " whsec_old , whsec_new ,",
-        "DODO_PAYMENTS_WEBHOOK_KEY": f"{DODO_OLD_KEY},{DODO_KEY}",
-        "TALLY_API_KEYS": "first-service-token-0001,second-service-token-0002",
-    })
+    settings = settings_from_env(
+        {
+            "STRIPE_WEBHOOK_SECRET": " whsec_old , whsec_new ,",
+            "DODO_PAYMENTS_WEBHOOK_KEY": f"{DODO_OLD_KEY},{DODO_KEY}",
+            "TALLY_API_KEYS": "first-service-token-0001,second-service-token-0002",
+        }
+    )
     assert settings.stripe_webhook_secrets == ("whsec_old", "whsec_new")
     assert settings.dodo_webhook_keys == (DODO_OLD_KEY, DODO_KEY)
     assert settings.api_keys == ("first-service-token-0001", "second-service-token-0002")
@@ -169,36 +193,45 @@ def test_the_process_environment_reads_as_a_mapping_does(monkeypatch: pytest.Mon
     assert from_process.catalogue.plans
 
 
-@pytest.mark.parametrize(("given", "expected"), [
-    ("postgres://u:p@h:5432/db", "postgresql+psycopg://u:p@h:5432/db"),
-    ("postgresql://u@h/db", "postgresql+psycopg://u@h/db"),
-    ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
-    ("sqlite:////tmp/tally.db", "sqlite:////tmp/tally.db"),
-    ("", "sqlite:///tally.db"),
-])
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgres://u:p@h:5432/db", "postgresql+psycopg://u:p@h:5432/db"),
+        ("postgresql://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("sqlite:////tmp/tally.db", "sqlite:////tmp/tally.db"),
+        ("", "sqlite:///tally.db"),
+    ],
+)
 def test_database_urls_are_normalised_to_psycopg(given: str, expected: str):
     settings = settings_from_env({"DATABASE_URL": given})
     assert settings.database_url == expected
     assert settings.is_sqlite == expected.startswith("sqlite")
 
 
-@pytest.mark.parametrize(("env", "url", "kind"), [
-    ({"REDIS_URL": "redis://h:6379/0"}, "redis://h:6379/0", "redis"),
-    ({"REDIS_URL": "rediss://h:6380/0", "BROKER_URL": "rediss://h:6380/0"}, "rediss://h:6380/0", "redis"),
-    ({"BROKER_URL": "unix:///run/redis.sock"}, "unix:///run/redis.sock", "redis"),
-    ({"BROKER_URL": "amqps://u:p@h/vhost"}, "amqps://u:p@h/vhost", "rabbitmq"),
-    ({"BROKER_URL": ""}, None, "inprocess"),
-])
+@pytest.mark.parametrize(
+    ("env", "url", "kind"),
+    [
+        ({"REDIS_URL": "redis://h:6379/0"}, "redis://h:6379/0", "redis"),
+        ({"REDIS_URL": "rediss://h:6380/0", "BROKER_URL": "rediss://h:6380/0"}, "rediss://h:6380/0", "redis"),
+        ({"BROKER_URL": "unix:///run/redis.sock"}, "unix:///run/redis.sock", "redis"),
+        ({"BROKER_URL": "amqps://u:p@h/vhost"}, "amqps://u:p@h/vhost", "rabbitmq"),
+        ({"BROKER_URL": ""}, None, "inprocess"),
+    ],
+)
 def test_either_variable_names_the_broker(env: dict[str, str], url: str | None, kind: str):
     settings = settings_from_env(env)
     assert (settings.broker_url, settings.broker_kind) == (url, kind)
 
 
 def test_api_bases_are_http_urls_when_set():
-    settings = settings_from_env({"STRIPE_API_BASE": "http://127.0.0.1:12111",
-                                  "DODO_PAYMENTS_BASE_URL": "https://test.dodopayments.com"})
-    assert (settings.stripe_api_base, settings.dodo_base_url) == ("http://127.0.0.1:12111",
-                                                                 "https://test.dodopayments.com")
+    settings = settings_from_env(
+        {"STRIPE_API_BASE": "http://127.0.0.1:12111", "DODO_PAYMENTS_BASE_URL": "https://test.dodopayments.com"}
+    )
+    assert (settings.stripe_api_base, settings.dodo_base_url) == (
+        "http://127.0.0.1:12111",
+        "https://test.dodopayments.com",
+    )
     assert settings_from_env({}).stripe_api_base is None
 
 

@@ -54,9 +54,11 @@ async def get_credit_usage(request: Request) -> JSONResponse:
 
 def _balance(request: Request, entitlement_id: str, customer_id: str, page_request: bool) -> dict[str, Any]:
     page = page_from(request.query_params) if page_request else None
-    filters = LedgerFilter(request.query_params.get("transaction_type") or None,
-                           instant_param(request.query_params, "start_date"),
-                           instant_param(request.query_params, "end_date"))
+    filters = LedgerFilter(
+        request.query_params.get("transaction_type") or None,
+        instant_param(request.query_params, "start_date"),
+        instant_param(request.query_params, "end_date"),
+    )
     with services(request).db.read() as session:
         balance = find_balance(session, customer_id, entitlement_id)
         if balance is None:
@@ -124,7 +126,10 @@ async def get_credits(request: Request) -> JSONResponse:
 routes = [
     Route("/subscriptions/{subscription_id}/credit-usage", get_credit_usage, methods=["GET"]),
     Route("/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}", get_balance, methods=["GET"]),
-    Route("/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger", get_balance_ledger,
-          methods=["GET"]),
+    Route(
+        "/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger",
+        get_balance_ledger,
+        methods=["GET"],
+    ),
     Route("/credits", get_credits, methods=["GET"]),
 ]

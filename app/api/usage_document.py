@@ -58,8 +58,12 @@ def usage_document(session: Session, customer_id: str, *, now: datetime, approac
         included = from_atoms(balance.period_included, precision)
         used = from_atoms(balance.period_used, precision)
         hard_cap = None if balance.hard_cap is None else from_atoms(balance.hard_cap, precision)
-        at_limit = period_limit_reached(balance.period_used, balance.period_included, hard_cap=balance.hard_cap,
-                                        overage_enabled=balance.overage_enabled)
+        at_limit = period_limit_reached(
+            balance.period_used,
+            balance.period_included,
+            hard_cap=balance.hard_cap,
+            overage_enabled=balance.overage_enabled,
+        )
         start, end = balance.period_start, balance.period_end
     elif subscription is not None:
         start, end = subscription.current_period_start, subscription.current_period_end

@@ -17,8 +17,9 @@ from app.ledger.posting import Source
 from app.ledger.service import PeriodTerms, lock_balance, start_period, sync_entitlement
 
 
-def period_terms(catalogue: Catalogue, plan: PlanSpec, *, subscription_id: str, start: datetime, end: datetime,
-                 precision: int) -> PeriodTerms:
+def period_terms(
+    catalogue: Catalogue, plan: PlanSpec, *, subscription_id: str, start: datetime, end: datetime, precision: int
+) -> PeriodTerms:
     """What `plan` gives for one period, in atoms at the entitlement's precision."""
     spec = catalogue.entitlement_for(plan)
     limits = [limit for limit in (plan.overage_limit, spec.overage_limit) if limit is not None]
@@ -35,13 +36,21 @@ def period_terms(catalogue: Catalogue, plan: PlanSpec, *, subscription_id: str, 
 
 
 def open_plan_period(
-    session: Session, catalogue: Catalogue, plan: PlanSpec, *, customer_id: str, subscription_id: str,
-    start: datetime, end: datetime, source: Source,
+    session: Session,
+    catalogue: Catalogue,
+    plan: PlanSpec,
+    *,
+    customer_id: str,
+    subscription_id: str,
+    start: datetime,
+    end: datetime,
+    source: Source,
 ) -> bool:
     """Grant a plan's credits for a period (once), moving the customer's balance into it."""
     spec = catalogue.entitlement_for(plan)
     entitlement = sync_entitlement(session, spec)
-    terms = period_terms(catalogue, plan, subscription_id=subscription_id, start=start, end=end,
-                         precision=entitlement.precision)
+    terms = period_terms(
+        catalogue, plan, subscription_id=subscription_id, start=start, end=end, precision=entitlement.precision
+    )
     balance = lock_balance(session, customer_id, spec.id)
     return start_period(session, balance, terms, source=source)

@@ -96,7 +96,7 @@ def parse_time(value: Any, where: str) -> datetime:
     head, dot, rest = text.partition(".")
     if dot:  # Python reads at most 6 fractional digits
         digits = len(rest) - len(rest.lstrip("0123456789"))
-        text = f"{head}.{rest[:min(digits, 6)]}{rest[digits:]}"
+        text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -159,8 +159,10 @@ def parse_ledger_entry(data: dict[str, Any]) -> ProviderEntry:
     kind = ENTRY_KINDS.get(transaction_type)
     if kind is None:
         raise PayloadError(f"unknown transaction_type {transaction_type!r}")
-    amounts = {key: parse_amount(data.get(key), f"{where}.{key}")
-               for key in ("amount", "balance_before", "balance_after", "overage_before", "overage_after")}
+    amounts = {
+        key: parse_amount(data.get(key), f"{where}.{key}")
+        for key in ("amount", "balance_before", "balance_after", "overage_before", "overage_after")
+    }
     metadata = data.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise PayloadError("data.metadata must be an object")
@@ -345,13 +347,20 @@ def parse_subscription(data: dict[str, Any]) -> DodoSubscription:
         snapshot=snapshot,
         customer_email=_optional_str(customer, "email", "data.customer"),
         customer_name=_optional_str(customer, "name", "data.customer"),
-        cart=[_cart_line(line, f"data.credit_entitlement_cart[{index}]")
-              for index, line in enumerate(_list(data.get("credit_entitlement_cart"), "data.credit_entitlement_cart"))],
-        meters=[_meter_line(line, f"data.meters[{index}]")
-                for index, line in enumerate(_list(data.get("meters"), "data.meters"))],
-        meter_credits=[_meter_credit_line(line, f"data.meter_credit_entitlement_cart[{index}]")
-                       for index, line in enumerate(_list(data.get("meter_credit_entitlement_cart"),
-                                                          "data.meter_credit_entitlement_cart"))],
+        cart=[
+            _cart_line(line, f"data.credit_entitlement_cart[{index}]")
+            for index, line in enumerate(_list(data.get("credit_entitlement_cart"), "data.credit_entitlement_cart"))
+        ],
+        meters=[
+            _meter_line(line, f"data.meters[{index}]")
+            for index, line in enumerate(_list(data.get("meters"), "data.meters"))
+        ],
+        meter_credits=[
+            _meter_credit_line(line, f"data.meter_credit_entitlement_cart[{index}]")
+            for index, line in enumerate(
+                _list(data.get("meter_credit_entitlement_cart"), "data.meter_credit_entitlement_cart")
+            )
+        ],
     )
 
 
@@ -382,9 +391,13 @@ def parse_payment_or_refund(kind: str, data: dict[str, Any]) -> PaymentState:
         object_id, payment_id = _str(data, "payment_id", where), None
         amount = _optional_int(data, "total_amount", where)
     return PaymentState(
-        kind=kind, object_id=object_id, payment_id=payment_id,
+        kind=kind,
+        object_id=object_id,
+        payment_id=payment_id,
         customer_id=customer_id if isinstance(customer_id, str) else None,
         subscription_id=_optional_str(data, "subscription_id", where),
-        status=_optional_str(data, "status", where), amount=amount,
-        currency=_optional_str(data, "currency", where), created_at=_optional_time(data, "created_at", where),
+        status=_optional_str(data, "status", where),
+        amount=amount,
+        currency=_optional_str(data, "currency", where),
+        created_at=_optional_time(data, "created_at", where),
     )

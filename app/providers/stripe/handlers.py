@@ -38,8 +38,12 @@ def _watermark(payload: dict[str, Any], data: dict[str, Any]) -> Watermark:
     created = payload.get("created")
     if isinstance(created, bool) or not isinstance(created, int):
         raise PayloadError("event.created must be a unix timestamp")
-    return Watermark(at=created, rank=LIFECYCLE_RANK.get(payload["type"], 1), event_id=payload["id"],
-                     previous=previous_state(data.get("previous_attributes")))
+    return Watermark(
+        at=created,
+        rank=LIFECYCLE_RANK.get(payload["type"], 1),
+        event_id=payload["id"],
+        previous=previous_state(data.get("previous_attributes")),
+    )
 
 
 def _resolve_plan(context: HandlerContext, price: PriceRef) -> PlanSpec | None:
@@ -62,9 +66,16 @@ def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any
         and snapshot.period_end is not None
         and snapshot.period_end > context.now
     ):
-        open_plan_period(session, context.catalogue, plan, customer_id=snapshot.customer_id, subscription_id=snapshot.id,
-                         start=snapshot.period_start, end=snapshot.period_end,
-                         source=Source(inbox_event_id=event.id))
+        open_plan_period(
+            session,
+            context.catalogue,
+            plan,
+            customer_id=snapshot.customer_id,
+            subscription_id=snapshot.id,
+            start=snapshot.period_start,
+            end=snapshot.period_end,
+            source=Source(inbox_event_id=event.id),
+        )
 
 
 def _on_invoice_paid(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
@@ -78,9 +89,16 @@ def _on_invoice_paid(session: Session, event: InboxEvent, payload: dict[str, Any
     if plan is None:
         return
     ensure_customer(session, period.customer_id, "stripe")
-    open_plan_period(session, context.catalogue, plan, customer_id=period.customer_id, subscription_id=period.subscription_id,
-                     start=period.start, end=period.end,
-                     source=Source(inbox_event_id=event.id, description=f"invoice {period.invoice_id} paid"))
+    open_plan_period(
+        session,
+        context.catalogue,
+        plan,
+        customer_id=period.customer_id,
+        subscription_id=period.subscription_id,
+        start=period.start,
+        end=period.end,
+        source=Source(inbox_event_id=event.id, description=f"invoice {period.invoice_id} paid"),
+    )
 
 
 def _on_customer(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
@@ -89,9 +107,16 @@ def _on_customer(session: Session, event: InboxEvent, payload: dict[str, Any], c
     if not isinstance(customer, dict) or not isinstance(customer.get("id"), str):
         raise PayloadError("data.object must be a customer with an id")
     deleted = payload["type"] == "customer.deleted" or bool(customer.get("deleted"))
-    apply_customer_snapshot(session, customer_id=customer["id"], provider="stripe", watermark=_watermark(payload, data),
-                            email=customer.get("email"), name=customer.get("name"), deleted=deleted,
-                            deleted_at=context.now if deleted else None)
+    apply_customer_snapshot(
+        session,
+        customer_id=customer["id"],
+        provider="stripe",
+        watermark=_watermark(payload, data),
+        email=customer.get("email"),
+        name=customer.get("name"),
+        deleted=deleted,
+        deleted_at=context.now if deleted else None,
+    )
 
 
 HANDLERS: dict[str, Callable[[Session, InboxEvent, dict[str, Any], HandlerContext], None]] = {

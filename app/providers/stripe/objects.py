@@ -142,13 +142,20 @@ def parse_paid_invoice(obj: Any) -> PaidPeriod | None:
     for line in lines:
         line = _dict(line, "lines.data[]")
         line_parent = line.get("parent") or {}
-        is_subscription_line = line.get("type") == "subscription" or line_parent.get("type") == "subscription_item_details"
+        is_subscription_line = (
+            line.get("type") == "subscription" or line_parent.get("type") == "subscription_item_details"
+        )
         period = line.get("period") or {}
         if not is_subscription_line or line.get("proration") or not period.get("start") or not period.get("end"):
             continue
         price_details = (line.get("pricing") or {}).get("price_details") or {}
-        price = _price(line.get("price")) if line.get("price") else PriceRef(
-            _optional_id(price_details.get("price")), _optional_id(price_details.get("product")), None, {})
+        price = (
+            _price(line.get("price"))
+            if line.get("price")
+            else PriceRef(
+                _optional_id(price_details.get("price")), _optional_id(price_details.get("product")), None, {}
+            )
+        )
         return PaidPeriod(
             invoice_id=_id(invoice.get("id"), "data.object.id"),
             customer_id=_id(invoice.get("customer"), "data.object.customer"),
