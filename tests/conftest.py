@@ -33,8 +33,6 @@ os.environ.update(
     }
 )
 
-from dataclasses import replace  # noqa: E402
-
 import dramatiq  # noqa: E402
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
@@ -163,7 +161,7 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def dodo_server(db: Database) -> Iterator[LiveServer]:
-    settings = replace(get_settings(), dodo_webhook_keys=(DODO_OLD_KEY, DODO_KEY))
+    settings = get_settings().model_copy(update={"dodo_webhook_keys": (DODO_OLD_KEY, DODO_KEY)})
     with LiveServer(create_app(settings, jobs=JOBS, run_workers=False)) as live:
         yield live
 

@@ -169,9 +169,7 @@ def test_database_down_answers_503_so_the_provider_retries(db):
 
 
 def test_no_secret_configured_answers_503_not_500(db):
-    from dataclasses import replace
-
-    app = create_app(replace(get_settings(), stripe_webhook_secrets=()), jobs=JOBS, run_workers=False)
+    app = create_app(get_settings().model_copy(update={"stripe_webhook_secrets": ()}), jobs=JOBS, run_workers=False)
     with LiveServer(app) as live, httpx.Client(base_url=live.url) as client:
         body = a_body()
         response = post(client, body, sign(body, STRIPE_SECRET))
