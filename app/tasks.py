@@ -64,15 +64,10 @@ def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
     jobs: Jobs
 
     def apply_inbox_events(inbox_event_ids: list[int]) -> None:
-        """Each event in its own transaction; a retryable failure retries the message (done ones are no-ops)."""
-        failures = []
-        for inbox_event_id in inbox_event_ids:
-            try:
-                processing.apply_event(db, settings.catalogue, inbox_event_id, max_attempts=settings.max_attempts)
-            except processing.RetryableFailure as failure:
-                failures.append(failure)
-        if failures:
-            raise failures[0]
+        """One transaction for the batch; a failed event retries the message (the applied ones are no-ops)."""
+        outcome = processing.apply_events(db, settings.catalogue, inbox_event_ids, max_attempts=settings.max_attempts)
+        if outcome.retry:
+            raise processing.RetryableFailure(f"inbox events {outcome.retry} will be retried")
 
     def apply_usage_events(usage_event_ids: list[int]) -> None:
         """Refusals are recorded on the events; other errors retry."""
