@@ -19,7 +19,8 @@ is not used to order anything:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -42,7 +43,7 @@ from app.providers.base import HandlerContext
 from app.providers.dodo.objects import (
     PROVIDER,
     DodoSubscription,
-    envelope,
+    event_type,
     parse_balance_low,
     parse_ledger_entry,
     parse_payment_or_refund,
@@ -67,8 +68,8 @@ def subscription_watermark(event: InboxEvent, parsed: DodoSubscription) -> Water
     return Watermark(at=period_start, rank=_received_seconds(event) - period_start, event_id=event.provider_event_id)
 
 
-def _on_subscription(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
-    parsed = parse_subscription(data)
+def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    parsed = parse_subscription(payload)
     snapshot = parsed.snapshot
     apply_customer_snapshot(
         session, customer_id=snapshot.customer_id, provider=PROVIDER,
@@ -118,8 +119,8 @@ def _replace_cart(session: Session, parsed: DodoSubscription) -> None:
     session.flush()
 
 
-def _on_ledger_entry(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
-    entry = parse_ledger_entry(data)
+def _on_ledger_entry(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    entry = parse_ledger_entry(payload)
     ensure_customer(session, entry.customer_id, PROVIDER)
     try:
         mirror_entry(session, entry, inbox_event_id=event.id)
@@ -127,8 +128,8 @@ def _on_ledger_entry(session: Session, event: InboxEvent, data: dict[str, Any], 
         raise PayloadError(str(error)) from None
 
 
-def _on_balance_low(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
-    alert = parse_balance_low(data)
+def _on_balance_low(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    alert = parse_balance_low(payload)
     insert_ignoring_conflicts(session, CreditAlert.__table__, {
         "inbox_event_id": event.id, "provider": PROVIDER, "kind": "balance_low",
         "customer_id": alert.customer_id, "subscription_id": alert.subscription_id,
@@ -140,9 +141,9 @@ def _on_balance_low(session: Session, event: InboxEvent, data: dict[str, Any], c
     })
 
 
-def _on_payment(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
+def _on_payment(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
     kind = "refund" if event.type.startswith("refund.") else "payment"
-    state = parse_payment_or_refund(kind, data)
+    state = parse_payment_or_refund(kind, payload)
     insert_ignoring_conflicts(session, ProviderPayment.__table__, {
         "provider": PROVIDER, "kind": kind, "object_id": state.object_id, "last_event_type": event.type,
         "watermark_received_at": event.received_at, "created_at": utcnow(), "updated_at": utcnow(),
@@ -172,10 +173,13 @@ def _handler_for(event_type: str) -> Handler | None:
 
 
 def handle(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> bool:
-    """Apply one Dodo event in the caller's transaction; False for types Tally keeps but does not use."""
-    event_type, data = envelope(payload)
-    handler = _handler_for(event_type)
+    """Apply one Dodo event in the caller's transaction; False for types Tally keeps but does not use.
+
+    Every envelope is validated (its `data` must be an object whatever the type); a handler then
+    validates the whole event against its shape before it reads anything.
+    """
+    handler = _handler_for(event_type(payload))
     if handler is None:
         return False
-    handler(session, event, data, context)
+    handler(session, event, payload, context)
     return True
