@@ -251,9 +251,6 @@ class PriceRef:
     metadata: dict[str, Any]
 
 
-NO_PRICE = PriceRef(None, None, None, {})
-
-
 class EventInfo(NamedTuple):
     """What a snapshot event says of itself, for its watermark."""
 
@@ -300,7 +297,7 @@ def event_type(payload: object) -> str | None:
 
 def _price_ref(price: _Price | None) -> PriceRef:
     if price is None:
-        return NO_PRICE
+        return PriceRef(None, None, None, {})  # a fresh metadata dict each time: it is a mutable value
     product = price.get("product")
     metadata = price.get("metadata") or {}
     if product is not None and product.get("metadata"):  # an expanded product's metadata describes the plan too
