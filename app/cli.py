@@ -45,11 +45,22 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if settings.broker_kind == "inprocess":
-        print("tally worker: no broker configured (REDIS_URL or BROKER_URL); "
-              "the embedded default runs its workers inside `tally serve`", file=sys.stderr)
+        print(
+            "tally worker: no broker configured (REDIS_URL or BROKER_URL); "
+            "the embedded default runs its workers inside `tally serve`",
+            file=sys.stderr,
+        )
         return 2
-    argv = [sys.executable, "-m", "dramatiq", "workers.actors",
-            "--processes", str(args.processes), "--threads", str(args.threads)]
+    argv = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers.actors",
+        "--processes",
+        str(args.processes),
+        "--threads",
+        str(args.threads),
+    ]
     os.execv(sys.executable, argv)
     return 0  # not reached
 
@@ -73,8 +84,10 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     scope = "service" if args.service else "customer"
     token = create_key(get_database(), scope=scope, customer_id=args.customer, label=args.label)
     print(token)
-    print(f"(a {scope} token{' for ' + args.customer if args.customer else ''}; it is shown only this once)",
-          file=sys.stderr)
+    print(
+        f"(a {scope} token{' for ' + args.customer if args.customer else ''}; it is shown only this once)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -108,8 +121,10 @@ def cmd_events_list(settings: Settings, args: argparse.Namespace) -> int:
     print("  ".join(f"{status}: {count}" for status, count in sorted(counts.items())) or "the inbox is empty")
     for event in events:
         error = f"  {event.last_error.splitlines()[0][:80]}" if event.last_error else ""
-        print(f"{event.id:>8}  {event.provider:<6} {event.status:<9} attempts={event.attempts:<2} "
-              f"{event.received_at:%Y-%m-%d %H:%M:%S}  {event.type}  {event.provider_event_id}{error}")
+        print(
+            f"{event.id:>8}  {event.provider:<6} {event.status:<9} attempts={event.attempts:<2} "
+            f"{event.received_at:%Y-%m-%d %H:%M:%S}  {event.type}  {event.provider_event_id}{error}"
+        )
     return 0
 
 
@@ -122,13 +137,23 @@ def cmd_events_show(settings: Settings, args: argparse.Namespace) -> int:
         if event is None:
             print(f"no inbox event {args.id}", file=sys.stderr)
             return 1
-        print(json.dumps({
-            "id": event.id, "provider": event.provider, "provider_event_id": event.provider_event_id,
-            "type": event.type, "status": event.status, "attempts": event.attempts,
-            "received_at": event.received_at.isoformat(),
-            "processed_at": event.processed_at.isoformat() if event.processed_at else None,
-            "last_error": event.last_error, "body": json.loads(event.body),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "id": event.id,
+                    "provider": event.provider,
+                    "provider_event_id": event.provider_event_id,
+                    "type": event.type,
+                    "status": event.status,
+                    "attempts": event.attempts,
+                    "received_at": event.received_at.isoformat(),
+                    "processed_at": event.processed_at.isoformat() if event.processed_at else None,
+                    "last_error": event.last_error,
+                    "body": json.loads(event.body),
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

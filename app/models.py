@@ -357,7 +357,10 @@ class ProviderPayment(Base):
     """The newest known state of a provider payment or refund (Dodo `payment.*`, `refund.*`)."""
 
     __tablename__ = "provider_payments"
-    __table_args__ = (UniqueConstraint("provider", "object_id"), Index("ix_provider_payments_customer_id", "customer_id"))
+    __table_args__ = (
+        UniqueConstraint("provider", "object_id"),
+        Index("ix_provider_payments_customer_id", "customer_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     provider: Mapped[str] = mapped_column(String(16))

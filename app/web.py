@@ -109,8 +109,9 @@ def create_app(
 
             worker = start_inprocess_worker(broker, settings.worker_threads)
             scheduler = start_in_background()
-            log.info("in-process broker: %s worker threads and the clock run inside this process",
-                     settings.worker_threads)
+            log.info(
+                "in-process broker: %s worker threads and the clock run inside this process", settings.worker_threads
+            )
         try:
             yield
         finally:

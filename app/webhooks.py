@@ -35,7 +35,12 @@ async def _accept(request: Request, *, provider: str, event_id: Any, event_type:
         raise ApiError(400, "invalid_event", "the event needs a string id and type")
     app = services(request)
     inbox_event_id = await run_in_threadpool(
-        receive_event, app.db, app.enqueue, provider=provider, event_id=event_id, event_type=event_type,
+        receive_event,
+        app.db,
+        app.enqueue,
+        provider=provider,
+        event_id=event_id,
+        event_type=event_type,
         body=body.decode("utf-8"),
     )
     if inbox_event_id is None:
@@ -59,11 +64,16 @@ async def stripe_webhook(request: Request) -> JSONResponse:
     if not app.settings.stripe_webhook_secrets:
         raise ApiError(503, "not_configured", "STRIPE_WEBHOOK_SECRET is not set")
     body = await read_body(request)
-    verify_stripe_signature(body, request.headers.get("stripe-signature"), app.settings.stripe_webhook_secrets,
-                            tolerance=app.settings.webhook_tolerance_seconds)
+    verify_stripe_signature(
+        body,
+        request.headers.get("stripe-signature"),
+        app.settings.stripe_webhook_secrets,
+        tolerance=app.settings.webhook_tolerance_seconds,
+    )
     payload = _event_json(body)
-    return await _accept(request, provider="stripe", event_id=payload.get("id"), event_type=payload.get("type"),
-                         body=body)
+    return await _accept(
+        request, provider="stripe", event_id=payload.get("id"), event_type=payload.get("type"), body=body
+    )
 
 
 async def dodo_webhook(request: Request) -> JSONResponse:
@@ -80,8 +90,9 @@ async def dodo_webhook(request: Request) -> JSONResponse:
     if not app.settings.dodo_webhook_keys:
         raise ApiError(503, "not_configured", "DODO_PAYMENTS_WEBHOOK_KEY is not set")
     body = await read_body(request)
-    webhook_id = verify_dodo_signature(body, request.headers, app.settings.dodo_webhook_keys,
-                                       tolerance=app.settings.webhook_tolerance_seconds)
+    webhook_id = verify_dodo_signature(
+        body, request.headers, app.settings.dodo_webhook_keys, tolerance=app.settings.webhook_tolerance_seconds
+    )
     payload = _event_json(body)
     return await _accept(request, provider="dodo", event_id=webhook_id, event_type=payload.get("type"), body=body)
 

@@ -98,30 +98,58 @@ def main() -> None:
 
     # 1. bare single-row inserts, one transaction each
     with db.engine.begin() as connection:
-        connection.execute(text("CREATE TABLE IF NOT EXISTS bench_bare_inserts "
-                                "(id BIGSERIAL PRIMARY KEY, event_id TEXT, created_at TIMESTAMPTZ)"))
+        connection.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS bench_bare_inserts "
+                "(id BIGSERIAL PRIMARY KEY, event_id TEXT, created_at TIMESTAMPTZ)"
+            )
+        )
     started = time.perf_counter()
     with db.engine.connect() as connection:
         for n in range(args.events):
             with connection.begin():
-                connection.execute(text("INSERT INTO bench_bare_inserts (event_id, created_at) VALUES (:e, now())"),
-                                   {"e": f"{run}-{n}"})
+                connection.execute(
+                    text("INSERT INTO bench_bare_inserts (event_id, created_at) VALUES (:e, now())"),
+                    {"e": f"{run}-{n}"},
+                )
     bare_rate = args.events / (time.perf_counter() - started)
 
     # 2. one worker process applying stored events
-    worker = subprocess.Popen([sys.executable, "-m", "dramatiq", "workers.actors", "--processes", "1",
-                               "--threads", "8", "--queues", actors.USAGE_QUEUE], cwd=ROOT, env=os.environ.copy(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "workers.actors",
+            "--processes",
+            "1",
+            "--threads",
+            "8",
+            "--queues",
+            actors.USAGE_QUEUE,
+        ],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def pending(ids: list[int]) -> int:
             with db.read() as session:
-                return int(session.execute(select(func.count()).select_from(UsageEvent).where(
-                    UsageEvent.id.in_(ids), UsageEvent.status == "pending")).scalar_one())
+                return int(
+                    session.execute(
+                        select(func.count())
+                        .select_from(UsageEvent)
+                        .where(UsageEvent.id.in_(ids), UsageEvent.status == "pending")
+                    ).scalar_one()
+                )
 
         def store(customer: str, count: int, prefix: str) -> list[int]:
             now = utcnow()
-            events = [{"event_id": f"{prefix}-{n}", "customer_id": customer, "event_name": "bench_call"}
-                      for n in range(count)]
+            events = [
+                {"event_id": f"{prefix}-{n}", "customer_id": customer, "event_name": "bench_call"} for n in range(count)
+            ]
             return ingest.store_batch(db, ingest.parse_batch({"events": events}, catalogue, now), now)
 
         warm = store(customers[-1], 10, f"{run}-warm")
@@ -147,21 +175,31 @@ def main() -> None:
             time.sleep(0.02)
         customer = customers[0]
         latencies: list[float] = []
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}",
-                          headers={"Authorization": f"Bearer {BENCH_TOKEN}"}) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {BENCH_TOKEN}"}
+        ) as client:
             for n in range(args.latency_samples):
                 with db.read() as session:
-                    used = session.execute(select(Balance.period_used).where(
-                        Balance.customer_id == customer, Balance.entitlement_id == "bench_requests")).scalar_one()
-                response = client.post("/events/ingest", json={"events": [
-                    {"event_id": f"{run}-lat-{n}", "customer_id": customer, "event_name": "bench_call"}]})
+                    used = session.execute(
+                        select(Balance.period_used).where(
+                            Balance.customer_id == customer, Balance.entitlement_id == "bench_requests"
+                        )
+                    ).scalar_one()
+                response = client.post(
+                    "/events/ingest",
+                    json={
+                        "events": [{"event_id": f"{run}-lat-{n}", "customer_id": customer, "event_name": "bench_call"}]
+                    },
+                )
                 answered = time.perf_counter()
                 assert response.json() == {"ingested_count": 1}, response.text
                 while True:
                     with db.read() as session:
-                        now_used = session.execute(select(Balance.period_used).where(
-                            Balance.customer_id == customer,
-                            Balance.entitlement_id == "bench_requests")).scalar_one()
+                        now_used = session.execute(
+                            select(Balance.period_used).where(
+                                Balance.customer_id == customer, Balance.entitlement_id == "bench_requests"
+                            )
+                        ).scalar_one()
                     if now_used > used:
                         break
                     time.sleep(0.001)
@@ -173,9 +211,13 @@ def main() -> None:
 
     print(f"events: {len(all_ids)} in batches of {args.batch}; one worker process, 8 threads")
     print(f"bare single-row inserts:     {bare_rate:8.0f} /s")
-    print(f"usage events applied:        {applied_rate:8.0f} /s   (ratio {applied_rate / bare_rate:.2f} of bare inserts)")
-    print(f"ingest answer -> balance:    p50 {statistics.median(latencies):.1f} ms, "
-          f"p99 {percentile(latencies, 0.99):.1f} ms  ({len(latencies)} samples)")
+    print(
+        f"usage events applied:        {applied_rate:8.0f} /s   (ratio {applied_rate / bare_rate:.2f} of bare inserts)"
+    )
+    print(
+        f"ingest answer -> balance:    p50 {statistics.median(latencies):.1f} ms, "
+        f"p99 {percentile(latencies, 0.99):.1f} ms  ({len(latencies)} samples)"
+    )
 
 
 if __name__ == "__main__":

@@ -43,11 +43,23 @@ def signed_bodies(count: int, prefix: str) -> list[tuple[str, str]]:
     now = int(time.time())
     bodies = []
     for n in range(count):
-        body = json.dumps({
-            "id": f"evt_{prefix}_{n}", "object": "event", "type": "customer.subscription.updated", "created": now,
-            "data": {"object": {"id": f"sub_{n}", "object": "subscription", "customer": f"cus_{n}",
-                                "status": "active", "items": {"data": [{"price": {"id": "price_123"}}]}}},
-        })
+        body = json.dumps(
+            {
+                "id": f"evt_{prefix}_{n}",
+                "object": "event",
+                "type": "customer.subscription.updated",
+                "created": now,
+                "data": {
+                    "object": {
+                        "id": f"sub_{n}",
+                        "object": "subscription",
+                        "customer": f"cus_{n}",
+                        "status": "active",
+                        "items": {"data": [{"price": {"id": "price_123"}}]},
+                    }
+                },
+            }
+        )
         bodies.append((body, stripe.WebhookSignature.generate_signature_header(body, SECRET, timestamp=now)))
     return bodies
 
@@ -60,12 +72,14 @@ async def fire(url: str, bodies: list[tuple[str, str]], concurrency: int) -> tup
     latencies: list[float] = []
     pending = list(reversed(bodies))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as client:
+
         async def run() -> None:
             while pending:
                 body, signature = pending.pop()
                 started = time.perf_counter()
-                async with client.post(url, data=body, headers={"Stripe-Signature": signature,
-                                                                "Content-Type": "application/json"}) as response:
+                async with client.post(
+                    url, data=body, headers={"Stripe-Signature": signature, "Content-Type": "application/json"}
+                ) as response:
                     text = await response.text()
                 latencies.append(time.perf_counter() - started)
                 if response.status != 200:
@@ -86,8 +100,13 @@ def main() -> int:
     database_url = os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/tally_bench")
     redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
     prepare_database(database_url)
-    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "STRIPE_WEBHOOK_SECRET": SECRET,
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "STRIPE_WEBHOOK_SECRET": SECRET,
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("BROKER_URL", None)
     subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=env, check=True, cwd=ROOT, capture_output=True)
     engine = create_engine(database_url)
@@ -98,8 +117,22 @@ def main() -> int:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench.app:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning", "--no-access-log"], env=env, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+        cwd=ROOT,
+    )
     try:
         for _ in range(100):
             try:
@@ -124,15 +157,19 @@ def main() -> int:
         stored_count = stored.scalar_one()
     engine.dispose()
     expected = args.requests * args.rounds
-    print(f"{args.rounds} rounds x {args.requests} requests, concurrency {args.concurrency}, one uvicorn process, "
-          f"PostgreSQL + Redis")
+    print(
+        f"{args.rounds} rounds x {args.requests} requests, concurrency {args.concurrency}, one uvicorn process, "
+        f"PostgreSQL + Redis"
+    )
     rates = {}
     for name, runs in results.items():
         per_round = [args.requests / seconds for seconds, _ in runs]
         latencies = sorted(latency for _, round_latencies in runs for latency in round_latencies)
         rates[name] = statistics.median(per_round)
-        print(f"  {name:<8} median {rates[name]:7.0f} req/s  (rounds: {', '.join(f'{r:.0f}' for r in per_round)})"
-              f"  p50 {latencies[len(latencies) // 2] * 1000:.1f} ms  p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms")
+        print(
+            f"  {name:<8} median {rates[name]:7.0f} req/s  (rounds: {', '.join(f'{r:.0f}' for r in per_round)})"
+            f"  p50 {latencies[len(latencies) // 2] * 1000:.1f} ms  p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms"
+        )
     print(f"  webhook / bare = {rates['webhook'] / rates['bare']:.2f}")
     print(f"  events stored in the inbox: {stored_count} of {expected}")
     return 0 if stored_count == expected else 1

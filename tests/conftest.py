@@ -21,15 +21,17 @@ import pytest
 HERE = Path(__file__).resolve().parent
 _tmp = tempfile.mkdtemp(prefix="tally-tests-")
 os.environ.setdefault("DATABASE_URL", f"sqlite:///{_tmp}/tally.db")
-os.environ.update({
-    "STRIPE_WEBHOOK_SECRET": "whsec_old_rotated_secret,whsec_current_test_secret",
-    "TALLY_API_KEYS": "test-service-token-0123456789",
-    "TALLY_PLANS": str(HERE / "fixtures" / "plans.toml"),
-    "TALLY_MAX_ATTEMPTS": "4",
-    "TALLY_RETRY_MIN_BACKOFF_MS": "20",
-    "TALLY_RETRY_MAX_BACKOFF_MS": "100",
-    "TALLY_SWEEP_AFTER_SECONDS": "1",
-})
+os.environ.update(
+    {
+        "STRIPE_WEBHOOK_SECRET": "whsec_old_rotated_secret,whsec_current_test_secret",
+        "TALLY_API_KEYS": "test-service-token-0123456789",
+        "TALLY_PLANS": str(HERE / "fixtures" / "plans.toml"),
+        "TALLY_MAX_ATTEMPTS": "4",
+        "TALLY_RETRY_MIN_BACKOFF_MS": "20",
+        "TALLY_RETRY_MAX_BACKOFF_MS": "100",
+        "TALLY_SWEEP_AFTER_SECONDS": "1",
+    }
+)
 
 import dramatiq  # noqa: E402
 import httpx  # noqa: E402
@@ -120,8 +122,9 @@ class LiveServer:
 
     def __init__(self, app: Any):
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -28,16 +28,18 @@ def test_every_problem_is_reported_at_once(tmp_path: Path):
     bad_plans = tmp_path / "plans.toml"
     bad_plans.write_text('[plans.x]\nstripe_price = "p"\nincluded = -5\n')
     with pytest.raises(ConfigError) as caught:
-        settings_from_env({
-            "DATABASE_URL": "mysql://nope",
-            "BROKER_URL": "kafka://x",
-            "STRIPE_WEBHOOK_SECRET": "sk_live_not_a_webhook_secret",
-            "DODO_PAYMENTS_WEBHOOK_KEY": "whsec_***not base64***",
-            "TALLY_API_KEYS": "short",
-            "TALLY_PLANS": str(bad_plans),
-            "TALLY_MAX_ATTEMPTS": "many",
-            "TALLY_APPROACHING_LIMIT": "2",
-        })
+        settings_from_env(
+            {
+                "DATABASE_URL": "mysql://nope",
+                "BROKER_URL": "kafka://x",
+                "STRIPE_WEBHOOK_SECRET": "sk_live_not_a_webhook_secret",
+                "DODO_PAYMENTS_WEBHOOK_KEY": "whsec_***not base64***",
+                "TALLY_API_KEYS": "short",
+                "TALLY_PLANS": str(bad_plans),
+                "TALLY_MAX_ATTEMPTS": "many",
+                "TALLY_APPROACHING_LIMIT": "2",
+            }
+        )
     problems = caught.value.problems
     assert len(problems) == 8
     assert all("\n" not in line for line in problems)
@@ -46,10 +48,12 @@ def test_every_problem_is_reported_at_once(tmp_path: Path):
 
 def test_the_catalogue_is_checked(tmp_path: Path):
     plans = tmp_path / "plans.toml"
-    plans.write_text('[plans.a]\nincluded = 10\nhard_cap = 5\nstripe_price = "p"\n'
-                     '[plans.b]\nincluded = 1\n'
-                     '[plans.c]\nincluded = 1.5\nstripe_price = "q"\n'
-                     '[meters.m]\nevent_name = "e"\nentitlement = "x"\naggregation = "sum"\n')
+    plans.write_text(
+        '[plans.a]\nincluded = 10\nhard_cap = 5\nstripe_price = "p"\n'
+        "[plans.b]\nincluded = 1\n"
+        '[plans.c]\nincluded = 1.5\nstripe_price = "q"\n'
+        '[meters.m]\nevent_name = "e"\nentitlement = "x"\naggregation = "sum"\n'
+    )
     with pytest.raises(ConfigError) as caught:
         settings_from_env({"TALLY_PLANS": str(plans)})
     text = "\n".join(caught.value.problems)
@@ -62,7 +66,11 @@ def test_the_catalogue_is_checked(tmp_path: Path):
 
 def test_the_cli_fails_at_start_up_with_one_line():
     env = {**os.environ, "TALLY_API_KEYS": "short"}
-    result = subprocess.run([sys.executable, "-m", "app.cli", "verify"], env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "verify"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == "tally: configuration error: TALLY_API_KEYS: every token must be at least 16 characters long"
+    assert (
+        result.stderr.strip()
+        == "tally: configuration error: TALLY_API_KEYS: every token must be at least 16 characters long"
+    )

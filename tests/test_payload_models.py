@@ -45,49 +45,95 @@ def stripe_subscription_events() -> list[dict[str, Any]]:
     item["quantity"] = 3
     item["price"]["product"] = {"id": "prod_1", "object": "product", "metadata": {"included": "100"}}
     item["price"]["metadata"] = {"plan": "pro"}
-    previous = {"status": "incomplete", "cancel_at_period_end": True, "canceled_at": None,
-                "items": {"data": [{"price": {"id": "price_old"}, "current_period_start": START - 10,
-                                    "current_period_end": END - 10}]}}
-    legacy = subscription_object("sub_2", {"id": "cus_2", "object": "customer"}, "canceled", START, END,  # type: ignore[arg-type]
-                                 canceled_at=START + 5, api="2024-06-20")
+    previous = {
+        "status": "incomplete",
+        "cancel_at_period_end": True,
+        "canceled_at": None,
+        "items": {
+            "data": [{"price": {"id": "price_old"}, "current_period_start": START - 10, "current_period_end": END - 10}]
+        },
+    }
+    legacy = subscription_object(
+        "sub_2",
+        {"id": "cus_2", "object": "customer"},
+        "canceled",
+        START,
+        END,  # type: ignore[arg-type]
+        canceled_at=START + 5,
+        api="2024-06-20",
+    )
     legacy["items"]["data"][0]["price"] = "price_123"
-    return [event("evt_s1", "customer.subscription.updated", current, created=START + 1, previous_attributes=previous),
-            event("evt_s2", "customer.subscription.deleted", legacy, created=START + 6)]
+    return [
+        event("evt_s1", "customer.subscription.updated", current, created=START + 1, previous_attributes=previous),
+        event("evt_s2", "customer.subscription.deleted", legacy, created=START + 6),
+    ]
 
 
 def stripe_invoice_events() -> list[dict[str, Any]]:
     one_off = invoice_paid("evt_i3", "sub_1", "cus_1", START, END)
     del one_off["data"]["object"]["parent"]
-    return [invoice_paid("evt_i1", "sub_1", "cus_1", START, END),
-            invoice_paid("evt_i2", "sub_1", "cus_1", START, END, api="2024-06-20"), one_off]
+    return [
+        invoice_paid("evt_i1", "sub_1", "cus_1", START, END),
+        invoice_paid("evt_i2", "sub_1", "cus_1", START, END, api="2024-06-20"),
+        one_off,
+    ]
 
 
 def stripe_customer_events() -> list[dict[str, Any]]:
     customer = {"id": "cus_1", "object": "customer", "email": "a@example.com", "name": "Ada", "deleted": False}
-    return [event("evt_c1", "customer.updated", customer, created=START, previous_attributes={"email": None}),
-            event("evt_c2", "customer.deleted", {"id": "cus_1", "object": "customer", "deleted": True})]
+    return [
+        event("evt_c1", "customer.updated", customer, created=START, previous_attributes={"email": None}),
+        event("evt_c2", "customer.deleted", {"id": "cus_1", "object": "customer", "deleted": True}),
+    ]
 
 
-STRIPE_THIN = {"object": "v2.core.event", "id": "evt_t1", "type": "v1.billing.meter.no_meter_found",
-               "created": "2026-01-01T00:00:00.000Z", "related_object": {"id": "mtr_1", "type": "billing.meter"}}
+STRIPE_THIN = {
+    "object": "v2.core.event",
+    "id": "evt_t1",
+    "type": "v1.billing.meter.no_meter_found",
+    "created": "2026-01-01T00:00:00.000Z",
+    "related_object": {"id": "mtr_1", "type": "billing.meter"},
+}
 
 
 def dodo_ledger_events() -> list[dict[str, Any]]:
-    deducted = ledger_entry("cle_1", "cus_1", "cde_1", "credit_deducted", "12.50", ("250.00", "0"), ("237.50", "0"),
-                            "2026-01-15T10:30:00.123456789Z", grant_id="cdg_1")
-    deducted["data"].update(description="usage", reference_type="meter", reference_id="mtr_1",
-                            metadata={"source": "api"})
-    charged = ledger_entry("cle_2", "cus_1", "cde_1", "overage_charged", "5", ("0", "0"), ("0", "5"),
-                           "2026-01-15T10:31:00")
+    deducted = ledger_entry(
+        "cle_1",
+        "cus_1",
+        "cde_1",
+        "credit_deducted",
+        "12.50",
+        ("250.00", "0"),
+        ("237.50", "0"),
+        "2026-01-15T10:30:00.123456789Z",
+        grant_id="cdg_1",
+    )
+    deducted["data"].update(
+        description="usage", reference_type="meter", reference_id="mtr_1", metadata={"source": "api"}
+    )
+    charged = ledger_entry(
+        "cle_2", "cus_1", "cde_1", "overage_charged", "5", ("0", "0"), ("0", "5"), "2026-01-15T10:31:00"
+    )
     charged["data"].update(amount=5, overage_after=5)  # JSON integers are amounts too
     return [deducted, charged]
 
 
 def dodo_balance_low_events() -> list[dict[str, Any]]:
-    return [envelope("credit.balance_low", {
-        "customer_id": "cus_1", "subscription_id": "sub_1", "credit_entitlement_id": "cde_1",
-        "credit_entitlement_name": "API Calls", "available_balance": "-12.50", "subscription_credits_amount": "1000",
-        "threshold_percent": 20, "threshold_amount": "200"})]
+    return [
+        envelope(
+            "credit.balance_low",
+            {
+                "customer_id": "cus_1",
+                "subscription_id": "sub_1",
+                "credit_entitlement_id": "cde_1",
+                "credit_entitlement_name": "API Calls",
+                "available_balance": "-12.50",
+                "subscription_credits_amount": "1000",
+                "threshold_percent": 20,
+                "threshold_amount": "200",
+            },
+        )
+    ]
 
 
 def dodo_subscription_events() -> list[dict[str, Any]]:
@@ -96,11 +142,25 @@ def dodo_subscription_events() -> list[dict[str, Any]]:
     return [dodo_subscription("sub_1", "cus_1"), cancelled]
 
 
-PAYMENT = {"payment_id": "pay_1", "status": "succeeded", "total_amount": 1999, "currency": "USD",
-           "customer": {"customer_id": "cus_1", "email": "a@b.c", "name": "A"}, "subscription_id": "sub_1",
-           "created_at": "2026-01-01T00:00:00Z"}
-REFUND = {"refund_id": "ref_1", "payment_id": "pay_1", "status": "succeeded", "amount": 500, "currency": "USD",
-          "customer": {"customer_id": "cus_1"}, "created_at": "2026-01-02T00:00:00Z", "is_partial": True}
+PAYMENT = {
+    "payment_id": "pay_1",
+    "status": "succeeded",
+    "total_amount": 1999,
+    "currency": "USD",
+    "customer": {"customer_id": "cus_1", "email": "a@b.c", "name": "A"},
+    "subscription_id": "sub_1",
+    "created_at": "2026-01-01T00:00:00Z",
+}
+REFUND = {
+    "refund_id": "ref_1",
+    "payment_id": "pay_1",
+    "status": "succeeded",
+    "amount": 500,
+    "currency": "USD",
+    "customer": {"customer_id": "cus_1"},
+    "created_at": "2026-01-02T00:00:00Z",
+    "is_partial": True,
+}
 
 PARSERS: dict[str, tuple[Callable[[Any], object], list[dict[str, Any]]]] = {
     "stripe.event_type": (stripe.event_type, [*stripe_subscription_events(), *stripe_invoice_events(), STRIPE_THIN]),
@@ -111,10 +171,14 @@ PARSERS: dict[str, tuple[Callable[[Any], object], list[dict[str, Any]]]] = {
     "dodo.parse_ledger_entry": (dodo.parse_ledger_entry, dodo_ledger_events()),
     "dodo.parse_balance_low": (dodo.parse_balance_low, dodo_balance_low_events()),
     "dodo.parse_subscription": (dodo.parse_subscription, dodo_subscription_events()),
-    "dodo.parse_payment_or_refund(payment)": (partial(dodo.parse_payment_or_refund, "payment"),
-                                              [envelope("payment.succeeded", PAYMENT)]),
-    "dodo.parse_payment_or_refund(refund)": (partial(dodo.parse_payment_or_refund, "refund"),
-                                             [envelope("refund.succeeded", REFUND)]),
+    "dodo.parse_payment_or_refund(payment)": (
+        partial(dodo.parse_payment_or_refund, "payment"),
+        [envelope("payment.succeeded", PAYMENT)],
+    ),
+    "dodo.parse_payment_or_refund(refund)": (
+        partial(dodo.parse_payment_or_refund, "refund"),
+        [envelope("refund.succeeded", REFUND)],
+    ),
 }
 
 
@@ -134,18 +198,46 @@ def _keys(value: object) -> Iterator[str]:
 KEYS = sorted({key for _, payloads in PARSERS.values() for payload in payloads for key in _keys(payload)})
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=12),
     st.sampled_from([0, -1, 2**31, 2**63, -(2**63) - 1, 2**64, 2**70, -(2**70), 10**30, 253_402_300_800]),
-    st.sampled_from(["", "0", "-5", "12.50", "1E+999999", "1E-999999", "0.00000000001", "NaN", "-Infinity", "1_000",
-                     "0.00000000010000000000000000000000000001", "2026-01-01T00:00:00Z", "2026-01-01",
-                     "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00", "not a date", "active",
-                     "subscription", "subscription_item_details", "credit_added", "v2.core.event", "price_123",
-                     "cus_1"]),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "-5",
+            "12.50",
+            "1E+999999",
+            "1E-999999",
+            "0.00000000001",
+            "NaN",
+            "-Infinity",
+            "1_000",
+            "0.00000000010000000000000000000000000001",
+            "2026-01-01T00:00:00Z",
+            "2026-01-01",
+            "9999-12-31T23:59:59-05:00",
+            "0001-01-01T00:00:00+01:00",
+            "not a date",
+            "active",
+            "subscription",
+            "subscription_item_details",
+            "credit_added",
+            "v2.core.event",
+            "price_123",
+            "cus_1",
+        ]
+    ),
 )
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), children, max_size=3)
+    ),
     max_leaves=8,
 )
 DELETE = object()
@@ -250,8 +342,12 @@ def _error(parse: Callable[[Any], object], payload: Any) -> str:
 
 
 def _stripe_subscription(**changes: Any) -> dict[str, Any]:
-    payload = event("evt_1", "customer.subscription.updated", subscription_object("sub_1", "cus_1", "active",
-                                                                                  START, END), created=START)
+    payload = event(
+        "evt_1",
+        "customer.subscription.updated",
+        subscription_object("sub_1", "cus_1", "active", START, END),
+        created=START,
+    )
     for path, value in changes.items():
         payload = _put(payload, tuple(int(step) if step.isdigit() else step for step in path.split("__")), value)
     return payload
@@ -261,7 +357,8 @@ def test_a_date_that_overflows_once_its_offset_is_applied_is_refused():
     payload = dodo_ledger_events()[0]
     payload["data"]["created_at"] = "9999-12-31T23:59:59-05:00"
     assert _error(dodo.parse_ledger_entry, payload) == (
-        "data.created_at: '9999-12-31T23:59:59-05:00' is outside the supported range of dates")
+        "data.created_at: '9999-12-31T23:59:59-05:00' is outside the supported range of dates"
+    )
     payload = dodo_subscription_events()[0]
     payload["data"]["previous_billing_date"] = "0001-01-01T00:00:00+01:00"
     assert _error(dodo.parse_subscription, payload).startswith("data.previous_billing_date: ")
@@ -278,34 +375,57 @@ def test_a_list_where_a_mapping_is_expected_is_named_by_its_path():
 
 def test_a_timestamp_beyond_any_date_is_refused():
     assert _error(stripe.parse_subscription_event, _stripe_subscription(created=2**70)) == (
-        f"created: {2**70} is outside the supported range of dates")
+        f"created: {2**70} is outside the supported range of dates"
+    )
     payload = _stripe_subscription(data__object__items__data__0__current_period_end=2**70)
-    assert _error(stripe.parse_subscription_event, payload).startswith(
-        "data.object.items.data[0].current_period_end: ")
+    assert _error(stripe.parse_subscription_event, payload).startswith("data.object.items.data[0].current_period_end: ")
     invoice = invoice_paid("evt_i", "sub_1", "cus_1", START, -(2**70))
     assert _error(stripe.parse_paid_invoice, invoice).startswith("data.object.lines.data[0].period.end: ")
 
 
 def test_values_that_used_to_fail_deeper_down_are_payload_errors():
     cases: list[tuple[Callable[[Any], object], Any, str]] = [
-        (stripe.parse_subscription_event, _stripe_subscription(data__object__status=["active"]),
-         "data.object.status: must be a string"),
-        (stripe.parse_subscription_event, _stripe_subscription(data__object__items__data__0__quantity=2**40),
-         "data.object.items.data[0].quantity: must be at most 2147483647"),
-        (stripe.parse_subscription_event, _stripe_subscription(data__object__items="items"),
-         "data.object.items: must be an object"),
-        (stripe.parse_subscription_event, _stripe_subscription(data__previous_attributes={"items": {"data": {"0": {}}}}),
-         "data.previous_attributes.items.data: must be a list"),
+        (
+            stripe.parse_subscription_event,
+            _stripe_subscription(data__object__status=["active"]),
+            "data.object.status: must be a string",
+        ),
+        (
+            stripe.parse_subscription_event,
+            _stripe_subscription(data__object__items__data__0__quantity=2**40),
+            "data.object.items.data[0].quantity: must be at most 2147483647",
+        ),
+        (
+            stripe.parse_subscription_event,
+            _stripe_subscription(data__object__items="items"),
+            "data.object.items: must be an object",
+        ),
+        (
+            stripe.parse_subscription_event,
+            _stripe_subscription(data__previous_attributes={"items": {"data": {"0": {}}}}),
+            "data.previous_attributes.items.data: must be a list",
+        ),
         (stripe.event_type, _stripe_subscription(type=["customer.subscription.updated"]), "type: must be a string"),
-        (dodo.parse_ledger_entry, _put(dodo_ledger_events()[0], ("data", "amount"), "1E+999999"),
-         "data.amount: amount 1E+999999 is too large"),
-        (dodo.parse_ledger_entry, _put(dodo_ledger_events()[0], ("data", "amount"), 12.5),
-         "data.amount: must be a decimal string"),
-        (partial(dodo.parse_payment_or_refund, "payment"),
-         envelope("payment.succeeded", {**PAYMENT, "total_amount": 2**64}),
-         "data.total_amount: must be at most 9223372036854775807"),
-        (dodo.parse_subscription, _put(dodo_subscription_events()[0], ("data", "cancel_at_next_billing_date"), "no"),
-         "data.cancel_at_next_billing_date: must be true or false"),
+        (
+            dodo.parse_ledger_entry,
+            _put(dodo_ledger_events()[0], ("data", "amount"), "1E+999999"),
+            "data.amount: amount 1E+999999 is too large",
+        ),
+        (
+            dodo.parse_ledger_entry,
+            _put(dodo_ledger_events()[0], ("data", "amount"), 12.5),
+            "data.amount: must be a decimal string",
+        ),
+        (
+            partial(dodo.parse_payment_or_refund, "payment"),
+            envelope("payment.succeeded", {**PAYMENT, "total_amount": 2**64}),
+            "data.total_amount: must be at most 9223372036854775807",
+        ),
+        (
+            dodo.parse_subscription,
+            _put(dodo_subscription_events()[0], ("data", "cancel_at_next_billing_date"), "no"),
+            "data.cancel_at_next_billing_date: must be true or false",
+        ),
     ]
     for parse, payload, message in cases:
         assert _error(parse, payload) == message
@@ -325,12 +445,14 @@ def test_every_problem_is_reported_with_its_path():
     del payload["data"]["balance_after"]
     payload["data"]["is_credit"] = "false"
     assert _error(dodo.parse_ledger_entry, payload) == (
-        "data.is_credit: must be true or false; data.balance_after: is required")
+        "data.is_credit: must be true or false; data.balance_after: is required"
+    )
 
 
 def test_strict_where_the_readers_were_strict():
     assert _error(stripe.parse_subscription_event, _stripe_subscription(data__object__status="exploded")) == (
-        "data.object.status: unknown subscription status 'exploded'")
+        "data.object.status: unknown subscription status 'exploded'"
+    )
     payload = _put(dodo_ledger_events()[0], ("data", "transaction_type"), "credit_gifted")
     assert _error(dodo.parse_ledger_entry, payload) == "data.transaction_type: unknown transaction_type 'credit_gifted'"
     payload = _put(dodo_ledger_events()[0], ("data", "balance_after"), "-1")
@@ -341,18 +463,35 @@ def test_lenient_where_stripe_leaves_things_out():
     bare = _stripe_subscription(data__object__items=None)
     parsed = stripe.parse_subscription_event(bare)
     assert (parsed.snapshot.price_id, parsed.snapshot.quantity, parsed.snapshot.period_start) == (None, 1, None)
-    assert stripe.parse_subscription_event(_stripe_subscription(data__object__items__data__0__quantity="3")) \
-        .snapshot.quantity == 1
+    assert (
+        stripe.parse_subscription_event(
+            _stripe_subscription(data__object__items__data__0__quantity="3")
+        ).snapshot.quantity
+        == 1
+    )
     by_id = stripe.parse_subscription_event(_stripe_subscription(data__object__items__data__0__price="price_9"))
     assert by_id.price == stripe.PriceRef("price_9", None, None, {})
     current = stripe.parse_subscription_event(stripe_subscription_events()[0])
     assert current.price == stripe.PriceRef("price_123", "prod_1", None, {"included": "100", "plan": "pro"})
     assert (current.snapshot.quantity, current.snapshot.period_end) == (3, datetime.fromtimestamp(END, UTC))
-    assert current.info == stripe.EventInfo("evt_s1", "customer.subscription.updated", START + 1, {
-        "status": "incomplete", "cancel_at_period_end": True, "canceled_at": None,
-        "current_period_start": START - 10, "current_period_end": END - 10, "price_id": "price_old"})
+    assert current.info == stripe.EventInfo(
+        "evt_s1",
+        "customer.subscription.updated",
+        START + 1,
+        {
+            "status": "incomplete",
+            "cancel_at_period_end": True,
+            "canceled_at": None,
+            "current_period_start": START - 10,
+            "current_period_end": END - 10,
+            "price_id": "price_old",
+        },
+    )
     legacy = stripe.parse_subscription_event(stripe_subscription_events()[1])
-    assert (legacy.snapshot.customer_id, legacy.snapshot.canceled_at) == ("cus_2", datetime.fromtimestamp(START + 5, UTC))
+    assert (legacy.snapshot.customer_id, legacy.snapshot.canceled_at) == (
+        "cus_2",
+        datetime.fromtimestamp(START + 5, UTC),
+    )
     assert stripe.parse_paid_invoice(stripe_invoice_events()[2]) is None  # a one-off invoice
     assert stripe.event_type(STRIPE_THIN) is None
 
@@ -376,8 +515,13 @@ MALFORMED = [
 
 @pytest.mark.parametrize(("provider", "payload"), MALFORMED)
 def test_a_malformed_event_is_dead_lettered_at_the_first_attempt(db, provider, payload):
-    inbox_id = store_event(db, provider=provider, event_id=f"evt_{time.monotonic_ns()}", event_type=payload["type"],
-                           body=json.dumps(payload))
+    inbox_id = store_event(
+        db,
+        provider=provider,
+        event_id=f"evt_{time.monotonic_ns()}",
+        event_type=payload["type"],
+        body=json.dumps(payload),
+    )
     assert inbox_id is not None
     assert apply_event(db, get_settings().catalogue, inbox_id, max_attempts=8) == "failed"
     with db.read() as session:

@@ -84,8 +84,14 @@ def find_balance(session: Session, customer_id: str, entitlement_id: str) -> Bal
 # --- GET /subscriptions/{id}/credit-usage (seed 000) ---------------------------------------------
 
 
-def usage_status(entitlement: CreditEntitlement, balance: Balance | None, *, overage_enabled: bool,
-                 overage_limit: int | None, fmt: Format) -> dict[str, Any]:
+def usage_status(
+    entitlement: CreditEntitlement,
+    balance: Balance | None,
+    *,
+    overage_enabled: bool,
+    overage_limit: int | None,
+    fmt: Format,
+) -> dict[str, Any]:
     """One CreditEntitlementUsageStatus.
 
     `limit_reached`: with overage enabled and a limit, overage >= limit (Dodo's rule); with unlimited
@@ -118,23 +124,37 @@ def credit_usage_document(session: Session, subscription: Subscription) -> dict[
     lines = session.execute(
         select(SubscriptionCredit, CreditEntitlement)
         .join(CreditEntitlement, CreditEntitlement.id == SubscriptionCredit.entitlement_id)
-        .where(SubscriptionCredit.subscription_id == subscription.id).order_by(SubscriptionCredit.id)
+        .where(SubscriptionCredit.subscription_id == subscription.id)
+        .order_by(SubscriptionCredit.id)
     ).all()
     for line, entitlement in lines:
         seen.add(entitlement.id)
-        items.append(usage_status(
-            entitlement, find_balance(session, subscription.customer_id, entitlement.id),
-            overage_enabled=line.overage_enabled, overage_limit=line.overage_limit,
-            fmt=format_for(session, entitlement)))
+        items.append(
+            usage_status(
+                entitlement,
+                find_balance(session, subscription.customer_id, entitlement.id),
+                overage_enabled=line.overage_enabled,
+                overage_limit=line.overage_limit,
+                fmt=format_for(session, entitlement),
+            )
+        )
     native = session.execute(
-        select(Balance, CreditEntitlement).join(CreditEntitlement, CreditEntitlement.id == Balance.entitlement_id)
+        select(Balance, CreditEntitlement)
+        .join(CreditEntitlement, CreditEntitlement.id == Balance.entitlement_id)
         .where(Balance.customer_id == subscription.customer_id, Balance.subscription_id == subscription.id)
         .order_by(Balance.id)
     ).all()
     for balance, entitlement in native:
         if entitlement.id not in seen:
-            items.append(usage_status(entitlement, balance, overage_enabled=balance.overage_enabled,
-                                      overage_limit=balance.overage_limit, fmt=format_for(session, entitlement)))
+            items.append(
+                usage_status(
+                    entitlement,
+                    balance,
+                    overage_enabled=balance.overage_enabled,
+                    overage_limit=balance.overage_limit,
+                    fmt=format_for(session, entitlement),
+                )
+            )
     return {"subscription_id": subscription.id, "items": items}
 
 
@@ -167,8 +187,9 @@ class LedgerFilter:
     end: datetime | None = None
 
 
-def _entry_document(entry: LedgerEntry, provider: ProviderLedgerEntry | None, balance: Balance,
-                    fmt: Format) -> dict[str, Any]:
+def _entry_document(
+    entry: LedgerEntry, provider: ProviderLedgerEntry | None, balance: Balance, fmt: Format
+) -> dict[str, Any]:
     extra = (provider.extra or {}) if provider else {}
     if provider is not None:
         transaction_type, is_credit, amount = provider.transaction_type, provider.is_credit, provider.amount
@@ -208,18 +229,24 @@ def ledger_document(session: Session, balance: Balance, page: Page, filters: Led
     )
     if filters.transaction_type:
         kinds = [kind for kind, name in TRANSACTION_TYPES.items() if name == filters.transaction_type]
-        query = query.where(or_(
-            ProviderLedgerEntry.transaction_type == filters.transaction_type,
-            and_(ProviderLedgerEntry.ledger_entry_id.is_(None), LedgerEntry.kind.in_(kinds)),
-        ))
+        query = query.where(
+            or_(
+                ProviderLedgerEntry.transaction_type == filters.transaction_type,
+                and_(ProviderLedgerEntry.ledger_entry_id.is_(None), LedgerEntry.kind.in_(kinds)),
+            )
+        )
     if filters.start:
         query = query.where(LedgerEntry.created_at >= filters.start)
     if filters.end:
         query = query.where(LedgerEntry.created_at <= filters.end)
     rows = session.execute(
-        query.order_by(LedgerEntry.created_at.desc(), func.coalesce(ProviderLedgerEntry.chain_position, -1).desc(),
-                       LedgerEntry.id.desc())
-        .limit(page.size).offset(page.offset)
+        query.order_by(
+            LedgerEntry.created_at.desc(),
+            func.coalesce(ProviderLedgerEntry.chain_position, -1).desc(),
+            LedgerEntry.id.desc(),
+        )
+        .limit(page.size)
+        .offset(page.offset)
     ).all()
     fmt = format_for(session, entitlement)
     return {"items": [_entry_document(entry, provider, balance, fmt) for entry, provider in rows]}
@@ -235,15 +262,18 @@ def credits_document(session: Session, customer_id: str) -> dict[str, Any]:
     customer was given net of expiries (grants, top-ups, rollovers, adjustments, refunds, reset
     overage), so that `total_credits - total_usage` is the current net position, balance - overage.
     """
-    usage_by_balance = dict(session.execute(
-        select(LedgerEntry.balance_id, func.coalesce(func.sum(LedgerEntry.amount), 0))
-        .join(Balance, Balance.id == LedgerEntry.balance_id)
-        .where(Balance.customer_id == customer_id, LedgerEntry.kind.in_(USAGE_KINDS))
-        .group_by(LedgerEntry.balance_id)
-    ).all())
+    usage_by_balance = dict(
+        session.execute(
+            select(LedgerEntry.balance_id, func.coalesce(func.sum(LedgerEntry.amount), 0))
+            .join(Balance, Balance.id == LedgerEntry.balance_id)
+            .where(Balance.customer_id == customer_id, LedgerEntry.kind.in_(USAGE_KINDS))
+            .group_by(LedgerEntry.balance_id)
+        ).all()
+    )
     total_credits = total_usage = Decimal(0)
     balances = session.execute(
-        select(Balance, CreditEntitlement).join(CreditEntitlement, CreditEntitlement.id == Balance.entitlement_id)
+        select(Balance, CreditEntitlement)
+        .join(CreditEntitlement, CreditEntitlement.id == Balance.entitlement_id)
         .where(Balance.customer_id == customer_id)
     ).all()
     for balance, entitlement in balances:

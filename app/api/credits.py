@@ -65,13 +65,17 @@ async def get_credit_usage(request: Request) -> JSONResponse:
 
 def _balance(request: Request, entitlement_id: str, customer_id: str, page_request: bool) -> dict[str, Any]:
     page = page_from(request.query_params) if page_request else None
-    filters = LedgerFilter(request.query_params.get("transaction_type") or None,
-                           _date_param(request, "start_date"), _date_param(request, "end_date"))
+    filters = LedgerFilter(
+        request.query_params.get("transaction_type") or None,
+        _date_param(request, "start_date"),
+        _date_param(request, "end_date"),
+    )
     with services(request).db.read() as session:
         balance = find_balance(session, customer_id, entitlement_id)
         if balance is None:
-            raise ApiError(404, "not_found",
-                           f"no balance for customer {customer_id!r} in credit entitlement {entitlement_id!r}")
+            raise ApiError(
+                404, "not_found", f"no balance for customer {customer_id!r} in credit entitlement {entitlement_id!r}"
+            )
         if page is None:
             return balance_document(session, balance)
         return ledger_document(session, balance, page, filters)
@@ -135,7 +139,10 @@ async def get_credits(request: Request) -> JSONResponse:
 routes = [
     Route("/subscriptions/{subscription_id}/credit-usage", get_credit_usage, methods=["GET"]),
     Route("/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}", get_balance, methods=["GET"]),
-    Route("/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger", get_balance_ledger,
-          methods=["GET"]),
+    Route(
+        "/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger",
+        get_balance_ledger,
+        methods=["GET"],
+    ),
     Route("/credits", get_credits, methods=["GET"]),
 ]

@@ -81,8 +81,14 @@ async def create_ledger_entry(request: Request) -> JSONResponse:
     entry_request = entries.parse_entry_request(await _json(request))
     app = services(request)
     status, body = await run_in_threadpool(
-        entries.create_ledger_entry, app.db, app.settings.catalogue, entitlement_id=request.path_params["credit_entitlement_id"],
-        customer_id=request.path_params["customer_id"], request=entry_request, now=app.clock())
+        entries.create_ledger_entry,
+        app.db,
+        app.settings.catalogue,
+        entitlement_id=request.path_params["credit_entitlement_id"],
+        customer_id=request.path_params["customer_id"],
+        request=entry_request,
+        now=app.clock(),
+    )
     return JSONResponse(body, status_code=status)
 
 
@@ -90,9 +96,11 @@ def _history(request: Request, principal: Principal) -> dict[str, Any]:
     app = services(request)
     params = request.query_params
     page = page_from(params)
-    query = history.HistoryQuery(start_date=history.parse_instant(params.get("start_date"), "start_date"),
-                                 end_date=history.parse_instant(params.get("end_date"), "end_date"),
-                                 meter_id=params.get("meter_id") or None)
+    query = history.HistoryQuery(
+        start_date=history.parse_instant(params.get("start_date"), "start_date"),
+        end_date=history.parse_instant(params.get("end_date"), "end_date"),
+        meter_id=params.get("meter_id") or None,
+    )
     subscription_id = request.path_params["subscription_id"]
     with app.db.read() as session:
         subscription = session.get(Subscription, subscription_id)
@@ -121,7 +129,10 @@ async def usage_history(request: Request) -> JSONResponse:
 
 routes = [
     Route("/events/ingest", ingest_events, methods=["POST"]),
-    Route("/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger-entries",
-          create_ledger_entry, methods=["POST"]),
+    Route(
+        "/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger-entries",
+        create_ledger_entry,
+        methods=["POST"],
+    ),
     Route("/subscriptions/{subscription_id}/usage-history", usage_history, methods=["GET"]),
 ]

@@ -18,8 +18,9 @@ def _usage(request: Request, customer_id: str) -> dict:
     with app.db.read() as session:
         if session.get(Customer, customer_id) is None:
             raise ApiError(404, "customer_not_found", f"no customer {customer_id!r}")
-        return usage_document(session, customer_id, now=app.clock(),
-                              approaching_ratio=app.settings.approaching_limit_ratio)
+        return usage_document(
+            session, customer_id, now=app.clock(), approaching_ratio=app.settings.approaching_limit_ratio
+        )
 
 
 async def get_usage(request: Request) -> JSONResponse:

@@ -49,7 +49,8 @@ def apply_event(db: Database, catalogue: Catalogue, inbox_event_id: int, *, max_
                 raise PayloadError(f"the event body is not JSON: {error}") from None
             handler = HANDLERS.get(event.provider)
             handled = handler is not None and handler(
-                session, event, payload, HandlerContext(catalogue=catalogue, now=utcnow()))
+                session, event, payload, HandlerContext(catalogue=catalogue, now=utcnow())
+            )
             event.status = "processed" if handled else "skipped"
             event.attempts += 1
             event.processed_at = utcnow()
@@ -61,15 +62,17 @@ def apply_event(db: Database, catalogue: Catalogue, inbox_event_id: int, *, max_
         return _record_failure(db, inbox_event_id, f"malformed payload: {error}", final=True)
     except Exception as error:
         log.exception("applying inbox event %s failed", inbox_event_id)
-        status = _record_failure(db, inbox_event_id, "".join(traceback.format_exception_only(error)).strip(),
-                                 max_attempts=max_attempts)
+        status = _record_failure(
+            db, inbox_event_id, "".join(traceback.format_exception_only(error)).strip(), max_attempts=max_attempts
+        )
         if status == "failed":
             return status
         raise RetryableFailure(f"inbox event {inbox_event_id}: {error}") from error
 
 
-def _record_failure(db: Database, inbox_event_id: int, message: str, *, final: bool = False,
-                    max_attempts: int = 1) -> str:
+def _record_failure(
+    db: Database, inbox_event_id: int, message: str, *, final: bool = False, max_attempts: int = 1
+) -> str:
     """Count the attempt in its own transaction; dead-letter the event when it is final."""
     with db.write() as session:
         event = session.get(InboxEvent, inbox_event_id, with_for_update=True)

@@ -167,21 +167,39 @@ def ensure_provider_entitlement(session: Session, entitlement_id: str, provider:
     A credit event can arrive before the subscription that names the entitlement; its name and unit
     are filled in when the subscription snapshot arrives.
     """
-    insert_ignoring_conflicts(session, CreditEntitlement.__table__, {
-        "id": entitlement_id, "managed_by": provider, "name": entitlement_id, "unit": "credits",
-        "precision": MIRROR_PRECISION, "overage_enabled": True, "overage_limit": None,
-        "created_at": utcnow(), "updated_at": utcnow(),
-    })
-    insert_ignoring_conflicts(session, ProviderEntitlement.__table__, {
-        "entitlement_id": entitlement_id, "provider": provider, "display_precision": 0, "updated_at": utcnow(),
-    })
+    insert_ignoring_conflicts(
+        session,
+        CreditEntitlement.__table__,
+        {
+            "id": entitlement_id,
+            "managed_by": provider,
+            "name": entitlement_id,
+            "unit": "credits",
+            "precision": MIRROR_PRECISION,
+            "overage_enabled": True,
+            "overage_limit": None,
+            "created_at": utcnow(),
+            "updated_at": utcnow(),
+        },
+    )
+    insert_ignoring_conflicts(
+        session,
+        ProviderEntitlement.__table__,
+        {
+            "entitlement_id": entitlement_id,
+            "provider": provider,
+            "display_precision": 0,
+            "updated_at": utcnow(),
+        },
+    )
     entitlement = session.get(CreditEntitlement, entitlement_id)
     assert entitlement is not None
     if entitlement.managed_by != provider:
         raise ProviderManaged(f"entitlement {entitlement_id!r} is managed by {entitlement.managed_by}, not {provider}")
     if entitlement.precision != MIRROR_PRECISION:
-        raise LedgerError(f"entitlement {entitlement_id!r} has precision {entitlement.precision}, "
-                          f"mirrors store {MIRROR_PRECISION}")
+        raise LedgerError(
+            f"entitlement {entitlement_id!r} has precision {entitlement.precision}, mirrors store {MIRROR_PRECISION}"
+        )
     return entitlement
 
 
@@ -217,18 +235,33 @@ def mirror_entry(session: Session, entry: ProviderEntry, *, inbox_event_id: int 
     before: State = (entry.balance_before, entry.overage_before)
     after: State = (entry.balance_after, entry.overage_after)
     ledger_entry = LedgerEntry(
-        balance_id=balance.id, kind=entry.kind, amount=_net(after) - _net(before),
-        balance_before=before[0], balance_after=after[0], overage_before=before[1], overage_after=after[1],
-        dedupe_key=entry.dedupe_key, inbox_event_id=inbox_event_id, external_id=entry.external_id,
-        description=entry.description, created_at=entry.created_at,
+        balance_id=balance.id,
+        kind=entry.kind,
+        amount=_net(after) - _net(before),
+        balance_before=before[0],
+        balance_after=after[0],
+        overage_before=before[1],
+        overage_after=after[1],
+        dedupe_key=entry.dedupe_key,
+        inbox_event_id=inbox_event_id,
+        external_id=entry.external_id,
+        description=entry.description,
+        created_at=entry.created_at,
     )
     session.add(ledger_entry)
     session.flush()
     provider_row = ProviderLedgerEntry(
-        ledger_entry_id=ledger_entry.id, balance_id=balance.id, provider=entry.provider,
-        external_id=entry.external_id, transaction_type=entry.transaction_type, is_credit=entry.is_credit,
-        amount=entry.amount, provider_grant_id=entry.provider_grant_id, reference_type=entry.reference_type,
-        reference_id=entry.reference_id, extra=entry.extra or None,
+        ledger_entry_id=ledger_entry.id,
+        balance_id=balance.id,
+        provider=entry.provider,
+        external_id=entry.external_id,
+        transaction_type=entry.transaction_type,
+        is_credit=entry.is_credit,
+        amount=entry.amount,
+        provider_grant_id=entry.provider_grant_id,
+        reference_type=entry.reference_type,
+        reference_id=entry.reference_id,
+        extra=entry.extra or None,
     )
     session.add(provider_row)
     balance.entry_count += 1
@@ -260,8 +293,18 @@ def _mirrored_links(session: Session, balance_id: int) -> list[tuple[Link, Provi
         .join(ProviderLedgerEntry, ProviderLedgerEntry.ledger_entry_id == LedgerEntry.id)
         .where(LedgerEntry.balance_id == balance_id)
     ).all()
-    return [(Link(provider.external_id, entry.created_at, (entry.balance_before, entry.overage_before),
-                  (entry.balance_after, entry.overage_after)), provider) for entry, provider in rows]
+    return [
+        (
+            Link(
+                provider.external_id,
+                entry.created_at,
+                (entry.balance_before, entry.overage_before),
+                (entry.balance_after, entry.overage_after),
+            ),
+            provider,
+        )
+        for entry, provider in rows
+    ]
 
 
 def rechain(session: Session, balance: Balance) -> None:
@@ -310,26 +353,36 @@ def verify_mirrored(session: Session, balance: Balance, label: str) -> MirrorAud
         if item.expected_before is not None:
             jumps += item.link.before[0] - item.link.before[1] - _net(item.expected_before)
             if recorded != item.expected_before:
-                audit.problems.append(f"{label}: an unrecorded gap before provider entry {row.external_id}: "
-                                      f"expected {item.expected_before}, it starts at {item.link.before}")
+                audit.problems.append(
+                    f"{label}: an unrecorded gap before provider entry {row.external_id}: "
+                    f"expected {item.expected_before}, it starts at {item.link.before}"
+                )
             else:
-                audit.known_gaps.append(f"{label}: known gap before provider entry {row.external_id}: expected "
-                                        f"{item.expected_before}, it starts at {item.link.before} "
-                                        "(missing entries, left for reconciliation)")
+                audit.known_gaps.append(
+                    f"{label}: known gap before provider entry {row.external_id}: expected "
+                    f"{item.expected_before}, it starts at {item.link.before} "
+                    "(missing entries, left for reconciliation)"
+                )
         elif recorded is not None:
-            audit.problems.append(f"{label}: provider entry {row.external_id} is marked as following a gap "
-                                  "that is no longer there")
+            audit.problems.append(
+                f"{label}: provider entry {row.external_id} is marked as following a gap that is no longer there"
+            )
         if row.chain_position != item.position:
-            audit.problems.append(f"{label}: provider entry {row.external_id} is at position {row.chain_position}, "
-                                  f"the provider's order puts it at {item.position}")
+            audit.problems.append(
+                f"{label}: provider entry {row.external_id} is at position {row.chain_position}, "
+                f"the provider's order puts it at {item.position}"
+            )
     state = placed[-1].link.after if placed else ZERO
     if state != (balance.balance, balance.overage):
-        audit.problems.append(f"{label}: the newest provider entry ends at {state}, "
-                              f"the balance is {(balance.balance, balance.overage)}")
+        audit.problems.append(
+            f"{label}: the newest provider entry ends at {state}, the balance is {(balance.balance, balance.overage)}"
+        )
     total = sum(entry.amount for entry in entries)
     if balance.balance - balance.overage != total + jumps:
-        audit.problems.append(f"{label}: balance - overage = {balance.balance - balance.overage} but its entries "
-                              f"sum to {total} and its recorded gaps to {jumps}")
+        audit.problems.append(
+            f"{label}: balance - overage = {balance.balance - balance.overage} but its entries "
+            f"sum to {total} and its recorded gaps to {jumps}"
+        )
     if balance.balance < 0 or balance.overage < 0:
         audit.problems.append(f"{label}: negative balance or overage ({balance.balance}, {balance.overage})")
     if len(entries) != balance.entry_count:
@@ -339,10 +392,13 @@ def verify_mirrored(session: Session, balance: Balance, label: str) -> MirrorAud
 
 def mirrored_balance_ids(session: Session) -> set[int]:
     """Balances whose entitlement a provider owns: their chains follow the provider's order."""
-    return set(session.execute(
-        select(Balance.id).join(CreditEntitlement, CreditEntitlement.id == Balance.entitlement_id)
-        .where(CreditEntitlement.managed_by != "tally")
-    ).scalars())
+    return set(
+        session.execute(
+            select(Balance.id)
+            .join(CreditEntitlement, CreditEntitlement.id == Balance.entitlement_id)
+            .where(CreditEntitlement.managed_by != "tally")
+        ).scalars()
+    )
 
 
 def audit_mirrored(session: Session) -> MirrorAudit:
@@ -350,7 +406,9 @@ def audit_mirrored(session: Session) -> MirrorAudit:
     total = MirrorAudit()
     ids = mirrored_balance_ids(session)
     for balance in session.execute(select(Balance).where(Balance.id.in_(ids)).order_by(Balance.id)).scalars():
-        audit = verify_mirrored(session, balance, f"balance {balance.id} ({balance.customer_id}/{balance.entitlement_id})")
+        audit = verify_mirrored(
+            session, balance, f"balance {balance.id} ({balance.customer_id}/{balance.entitlement_id})"
+        )
         total.problems.extend(audit.problems)
         total.known_gaps.extend(audit.known_gaps)
     return total

@@ -179,14 +179,25 @@ def grant(
     if existing is not None:
         return existing
     new_grant = Grant(
-        balance_id=balance.id, source_key=source_key, amount=amount, remaining=amount,
-        starts_at=starts_at, expires_at=expires_at,
+        balance_id=balance.id,
+        source_key=source_key,
+        amount=amount,
+        remaining=amount,
+        starts_at=starts_at,
+        expires_at=expires_at,
     )
     session.add(new_grant)
     session.flush()
     source = Source(**{**source.__dict__, "dedupe_key": f"grant:{source_key}"})
-    return _post(session, balance, kind=kind, balance_after=balance.balance + amount,
-                 overage_after=balance.overage, source=source, grant=new_grant)
+    return _post(
+        session,
+        balance,
+        kind=kind,
+        balance_after=balance.balance + amount,
+        overage_after=balance.overage,
+        source=source,
+        grant=new_grant,
+    )
 
 
 def _expire_grant(session: Session, balance: Balance, expiring: Grant, now: datetime) -> LedgerEntry | None:
@@ -194,23 +205,36 @@ def _expire_grant(session: Session, balance: Balance, expiring: Grant, now: date
     expiring.expired_at = now
     if not expiring.remaining:
         return None
-    entry = _post(session, balance, kind="expiry", balance_after=balance.balance - expiring.remaining,
-                  overage_after=balance.overage, grant=expiring, source=Source(dedupe_key=f"expiry:{expiring.id}"))
+    entry = _post(
+        session,
+        balance,
+        kind="expiry",
+        balance_after=balance.balance - expiring.remaining,
+        overage_after=balance.overage,
+        grant=expiring,
+        source=Source(dedupe_key=f"expiry:{expiring.id}"),
+    )
     expiring.remaining = 0
     return entry
 
 
 def expire_due_grants(session: Session, balance: Balance, now: datetime) -> list[LedgerEntry]:
     """Expire what is left of every grant past its expiry: one `expiry` entry per grant."""
-    due = session.execute(
-        select(Grant)
-        .where(Grant.balance_id == balance.id, Grant.expired_at.is_(None), Grant.expires_at <= now)
-        .order_by(Grant.starts_at, Grant.id)
-    ).scalars().all()
+    due = (
+        session.execute(
+            select(Grant)
+            .where(Grant.balance_id == balance.id, Grant.expired_at.is_(None), Grant.expires_at <= now)
+            .order_by(Grant.starts_at, Grant.id)
+        )
+        .scalars()
+        .all()
+    )
     return [entry for expiring in due if (entry := _expire_grant(session, balance, expiring, now)) is not None]
 
 
-def reset_overage(session: Session, balance: Balance, *, dedupe_key: str, source: Source = Source()) -> LedgerEntry | None:
+def reset_overage(
+    session: Session, balance: Balance, *, dedupe_key: str, source: Source = Source()
+) -> LedgerEntry | None:
     """Clear the accrued overage at a period's end (the provider bills it separately)."""
     if balance.overage == 0 or find_entry(session, dedupe_key) is not None:
         return None
@@ -239,8 +263,14 @@ def check_deduction(balance: Balance, amount: int) -> Refusal | None:
 
 
 def deduct(
-    session: Session, balance: Balance, amount: int, *, source: Source, now: datetime | None = None,
-    kind: str = "deduction", known_new: bool = False,
+    session: Session,
+    balance: Balance,
+    amount: int,
+    *,
+    source: Source,
+    now: datetime | None = None,
+    kind: str = "deduction",
+    known_new: bool = False,
 ) -> LedgerEntry:
     """Take `amount` atoms: balance first (oldest grant first), then overage. All or nothing.
 
@@ -255,12 +285,19 @@ def deduct(
             return existing
     now = now or utcnow()
     # One read serves both steps: grants past their expiry are closed first, the rest are consumed.
-    candidates = session.execute(
-        select(Grant)
-        .where(Grant.balance_id == balance.id, Grant.expired_at.is_(None),
-               or_(Grant.remaining > 0, Grant.expires_at <= now))
-        .order_by(Grant.starts_at, Grant.id)
-    ).scalars().all()
+    candidates = (
+        session.execute(
+            select(Grant)
+            .where(
+                Grant.balance_id == balance.id,
+                Grant.expired_at.is_(None),
+                or_(Grant.remaining > 0, Grant.expires_at <= now),
+            )
+            .order_by(Grant.starts_at, Grant.id)
+        )
+        .scalars()
+        .all()
+    )
     live = []
     for candidate in candidates:
         if candidate.expires_at is not None and candidate.expires_at <= now:
@@ -281,8 +318,15 @@ def deduct(
         grant_.remaining -= taken
         remaining -= taken
     balance.period_used += amount
-    return _post(session, balance, kind=kind, balance_after=balance.balance - from_balance,
-                 overage_after=balance.overage + (amount - from_balance), source=source, at=now)
+    return _post(
+        session,
+        balance,
+        kind=kind,
+        balance_after=balance.balance - from_balance,
+        overage_after=balance.overage + (amount - from_balance),
+        source=source,
+        at=now,
+    )
 
 
 # --- billing periods -----------------------------------------------------------------------------
@@ -312,15 +356,23 @@ def start_period(session: Session, balance: Balance, terms: PeriodTerms, *, sour
         return False
     if balance.period_start is not None:
         expire_due_grants(session, balance, terms.start)
-        reset_overage(session, balance, source=source,
-                      dedupe_key=f"overage_reset:{balance.id}:{balance.period_start.isoformat()}")
+        reset_overage(
+            session, balance, source=source, dedupe_key=f"overage_reset:{balance.id}:{balance.period_start.isoformat()}"
+        )
     balance.subscription_id, balance.plan_key = terms.subscription_id, terms.plan_key
     balance.period_start, balance.period_end = terms.start, terms.end
     balance.period_included, balance.period_used = terms.included, 0
     balance.hard_cap = terms.hard_cap
     balance.overage_enabled, balance.overage_limit = terms.overage_enabled, terms.overage_limit
-    grant(session, balance, terms.included, starts_at=terms.start, expires_at=terms.end, source=source,
-          source_key=f"period:{terms.subscription_id}:{terms.start.isoformat()}")
+    grant(
+        session,
+        balance,
+        terms.included,
+        starts_at=terms.start,
+        expires_at=terms.end,
+        source=source,
+        source_key=f"period:{terms.subscription_id}:{terms.start.isoformat()}",
+    )
     return True
 
 

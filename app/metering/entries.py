@@ -24,7 +24,13 @@ from app.db import Database
 from app.errors import ApiError
 from app.ledger.amounts import AmountError, format_atoms, parse_decimal, to_atoms
 from app.ledger.service import (
-    InsufficientCredits, LimitExceeded, Source, deduct, grant, lock_balance, sync_entitlement,
+    InsufficientCredits,
+    LimitExceeded,
+    Source,
+    deduct,
+    grant,
+    lock_balance,
+    sync_entitlement,
 )
 from app.metering.models import LedgerRequest
 from app.models import Balance, CreditEntitlement, Customer, LedgerEntry
@@ -46,11 +52,17 @@ class EntryRequest:
     @property
     def fingerprint(self) -> str:
         """What "the same body" means: the request's fields, canonically encoded and hashed."""
-        canonical = json.dumps({
-            "entry_type": self.entry_type, "amount": str(parse_decimal(self.amount).normalize()),
-            "reason": self.reason, "metadata": self.metadata,
-            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-        }, sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(
+            {
+                "entry_type": self.entry_type,
+                "amount": str(parse_decimal(self.amount).normalize()),
+                "reason": self.reason,
+                "metadata": self.metadata,
+                "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -64,7 +76,7 @@ def parse_entry_request(payload: Any) -> EntryRequest:
         raise _invalid("the body must be a JSON object")
     entry_type = payload.get("entry_type")
     if entry_type not in ENTRY_TYPES:
-        raise _invalid("entry_type must be \"credit\" or \"debit\"")
+        raise _invalid('entry_type must be "credit" or "debit"')
     key = payload.get("idempotency_key")
     if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_LENGTH:
         raise _invalid(f"idempotency_key is required: a non-empty string of at most {MAX_KEY_LENGTH} characters")
@@ -91,12 +103,19 @@ def parse_entry_request(payload: Any) -> EntryRequest:
             raise _invalid("expires_at must be an ISO 8601 date-time") from None
         if expires_at.tzinfo is None:
             raise _invalid("expires_at needs a time zone (for example a trailing Z)")
-    return EntryRequest(entry_type=entry_type, amount=str(amount), idempotency_key=key, reason=reason,
-                        metadata=metadata, expires_at=expires_at)
+    return EntryRequest(
+        entry_type=entry_type,
+        amount=str(amount),
+        idempotency_key=key,
+        reason=reason,
+        metadata=metadata,
+        expires_at=expires_at,
+    )
 
 
-def entry_document(entry: LedgerEntry, balance: Balance, entitlement: CreditEntitlement, request: EntryRequest,
-                   atoms: int) -> dict[str, Any]:
+def entry_document(
+    entry: LedgerEntry, balance: Balance, entitlement: CreditEntitlement, request: EntryRequest, atoms: int
+) -> dict[str, Any]:
     """Dodo's BalanceCreateLedgerEntryResponse."""
     precision = entitlement.precision
     return {
@@ -117,22 +136,30 @@ def entry_document(entry: LedgerEntry, balance: Balance, entitlement: CreditEnti
     }
 
 
-def _previous_answer(session: Session, entitlement_id: str, customer_id: str, request: EntryRequest) -> tuple[int, dict[str, Any]] | None:
+def _previous_answer(
+    session: Session, entitlement_id: str, customer_id: str, request: EntryRequest
+) -> tuple[int, dict[str, Any]] | None:
     previous = session.execute(
-        select(LedgerRequest).where(LedgerRequest.entitlement_id == entitlement_id,
-                                    LedgerRequest.customer_id == customer_id,
-                                    LedgerRequest.idempotency_key == request.idempotency_key)
+        select(LedgerRequest).where(
+            LedgerRequest.entitlement_id == entitlement_id,
+            LedgerRequest.customer_id == customer_id,
+            LedgerRequest.idempotency_key == request.idempotency_key,
+        )
     ).scalar_one_or_none()
     if previous is None:
         return None
     if previous.request_hash != request.fingerprint:
-        raise ApiError(409, "idempotency_conflict",
-                       f"idempotency_key {request.idempotency_key!r} was already used with a different body")
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"idempotency_key {request.idempotency_key!r} was already used with a different body",
+        )
     return previous.status_code, previous.response
 
 
-def create_ledger_entry(db: Database, catalogue: Catalogue, *, entitlement_id: str, customer_id: str,
-                        request: EntryRequest, now: datetime) -> tuple[int, dict[str, Any]]:
+def create_ledger_entry(
+    db: Database, catalogue: Catalogue, *, entitlement_id: str, customer_id: str, request: EntryRequest, now: datetime
+) -> tuple[int, dict[str, Any]]:
     """Post a credit or debit once per idempotency key; (HTTP status, body) of the first answer."""
     with db.write() as session:
         entitlement = session.get(CreditEntitlement, entitlement_id)
@@ -142,9 +169,12 @@ def create_ledger_entry(db: Database, catalogue: Catalogue, *, entitlement_id: s
         if entitlement is None:
             raise ApiError(404, "entitlement_not_found", f"no credit entitlement {entitlement_id!r}")
         if entitlement.managed_by != "tally":
-            raise ApiError(409, "provider_managed",
-                           f"entitlement {entitlement_id!r} is managed by {entitlement.managed_by}; "
-                           "its ledger changes only through the provider")
+            raise ApiError(
+                409,
+                "provider_managed",
+                f"entitlement {entitlement_id!r} is managed by {entitlement.managed_by}; "
+                "its ledger changes only through the provider",
+            )
         if session.get(Customer, customer_id) is None:
             raise ApiError(404, "customer_not_found", f"no customer {customer_id!r}")
         try:
@@ -163,16 +193,38 @@ def create_ledger_entry(db: Database, catalogue: Catalogue, *, entitlement_id: s
         entry: LedgerEntry | None = None
         try:
             if request.entry_type == "credit":
-                entry = grant(session, balance, atoms, source_key=dedupe, starts_at=now, expires_at=request.expires_at,
-                              source=source, kind=ENTRY_KIND)
+                entry = grant(
+                    session,
+                    balance,
+                    atoms,
+                    source_key=dedupe,
+                    starts_at=now,
+                    expires_at=request.expires_at,
+                    source=source,
+                    kind=ENTRY_KIND,
+                )
             else:
-                entry = deduct(session, balance, atoms, now=now, kind=ENTRY_KIND,
-                               source=Source(**{**source.__dict__, "dedupe_key": dedupe}))
+                entry = deduct(
+                    session,
+                    balance,
+                    atoms,
+                    now=now,
+                    kind=ENTRY_KIND,
+                    source=Source(**{**source.__dict__, "dedupe_key": dedupe}),
+                )
             status, body = 201, entry_document(entry, balance, entitlement, request, atoms)
         except (LimitExceeded, InsufficientCredits) as refusal:
             status, body = 400, {"code": refusal.code, "message": refusal.message}
-        session.add(LedgerRequest(entitlement_id=entitlement_id, customer_id=customer_id,
-                                  idempotency_key=request.idempotency_key, request_hash=request.fingerprint,
-                                  status_code=status, response=body, ledger_entry_id=entry.id if entry else None,
-                                  created_at=now))
+        session.add(
+            LedgerRequest(
+                entitlement_id=entitlement_id,
+                customer_id=customer_id,
+                idempotency_key=request.idempotency_key,
+                request_hash=request.fingerprint,
+                status_code=status,
+                response=body,
+                ledger_entry_id=entry.id if entry else None,
+                created_at=now,
+            )
+        )
         return status, body

@@ -37,8 +37,9 @@ FUTURE_TOLERANCE = timedelta(minutes=5)
 
 def meters_for(catalogue: Catalogue, event_name: str) -> list[MeterSpec]:
     """The meters that count events of this name, in a stable order."""
-    return sorted((meter for meter in catalogue.meters.values() if meter.event_name == event_name),
-                  key=lambda meter: meter.key)
+    return sorted(
+        (meter for meter in catalogue.meters.values() if meter.event_name == event_name), key=lambda meter: meter.key
+    )
 
 
 def metered_value(meter: MeterSpec, metadata: dict[str, Any] | None) -> Decimal:
@@ -94,8 +95,9 @@ def _timestamp(raw: Any, where: str, now: datetime) -> datetime:
         raise ApiError(422, "invalid_event", f"{where}.timestamp {raw!r} is not an ISO 8601 date-time") from None
     moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
     if moment < now - OLDEST_TIMESTAMP or moment > now + FUTURE_TOLERANCE:
-        raise ApiError(422, "invalid_event",
-                       f"{where}.timestamp must be within the last hour and at most 5 minutes ahead")
+        raise ApiError(
+            422, "invalid_event", f"{where}.timestamp must be within the last hour and at most 5 minutes ahead"
+        )
     return moment
 
 
@@ -108,18 +110,22 @@ def _metadata(raw: Any, where: str) -> dict[str, Any] | None:
         raise ApiError(422, "invalid_event", f"{where}.metadata may hold at most {MAX_METADATA_KEYS} keys")
     for key, value in raw.items():
         if len(key) > MAX_METADATA_KEY_LENGTH:
-            raise ApiError(422, "invalid_event", f"{where}.metadata keys must be at most {MAX_METADATA_KEY_LENGTH} characters")
+            raise ApiError(
+                422, "invalid_event", f"{where}.metadata keys must be at most {MAX_METADATA_KEY_LENGTH} characters"
+            )
         if not isinstance(value, (str, int, float, bool)):
             raise ApiError(422, "invalid_event", f"{where}.metadata.{key} must be a string, number or boolean")
         if isinstance(value, str) and len(value) > MAX_METADATA_VALUE_LENGTH:
-            raise ApiError(422, "invalid_event", f"{where}.metadata.{key} must be at most {MAX_METADATA_VALUE_LENGTH} characters")
+            raise ApiError(
+                422, "invalid_event", f"{where}.metadata.{key} must be at most {MAX_METADATA_VALUE_LENGTH} characters"
+            )
     return raw
 
 
 def parse_batch(payload: Any, catalogue: Catalogue, now: datetime) -> list[NewEvent]:
     """Validate the whole batch; the first problem found refuses it with a message naming the event."""
     if not isinstance(payload, dict) or not isinstance(payload.get("events"), list):
-        raise ApiError(422, "invalid_request", "the body must be {\"events\": [...]}")
+        raise ApiError(422, "invalid_request", 'the body must be {"events": [...]}')
     raw_events = payload["events"]
     if len(raw_events) > MAX_EVENTS:
         raise ApiError(422, "too_many_events", f"at most {MAX_EVENTS} events per request, got {len(raw_events)}")
@@ -143,8 +149,15 @@ def parse_batch(payload: Any, catalogue: Catalogue, now: datetime) -> list[NewEv
                 metered_value(meter, metadata)
             except AmountError as error:
                 raise ApiError(422, "invalid_amount", f"{where}: {error}") from None
-        events.append(NewEvent(event_id=event_id, customer_id=_text(raw, "customer_id", where), event_name=event_name,
-                               timestamp=_timestamp(raw.get("timestamp"), where, now), metadata=metadata))
+        events.append(
+            NewEvent(
+                event_id=event_id,
+                customer_id=_text(raw, "customer_id", where),
+                event_name=event_name,
+                timestamp=_timestamp(raw.get("timestamp"), where, now),
+                metadata=metadata,
+            )
+        )
     return events
 
 
@@ -161,11 +174,20 @@ def store_batch(db: Database, events: list[NewEvent], now: datetime) -> list[int
     """Insert the events that are new (ON CONFLICT DO NOTHING on event_id); the ids of those inserted."""
     if not events:
         return []
-    rows = [{"event_id": event.event_id, "customer_id": event.customer_id, "event_name": event.event_name,
-             "timestamp": event.timestamp, "metadata": event.metadata, "received_at": now, "status": "pending",
-             "last_enqueued_at": now} for event in events]
+    rows = [
+        {
+            "event_id": event.event_id,
+            "customer_id": event.customer_id,
+            "event_name": event.event_name,
+            "timestamp": event.timestamp,
+            "metadata": event.metadata,
+            "received_at": now,
+            "status": "pending",
+            "last_enqueued_at": now,
+        }
+        for event in events
+    ]
     with db.write() as session:
         _check_customers(session, events)
         statement = insert_ignoring_conflicts_statement(session, UsageEvent.__table__)
         return list(session.execute(statement.returning(UsageEvent.__table__.c.id), rows).scalars())
-

@@ -50,10 +50,18 @@ from app.providers.dodo.objects import (
     parse_subscription,
 )
 
-LEDGER_EVENTS = frozenset({
-    "credit.added", "credit.deducted", "credit.expired", "credit.rolled_over", "credit.rollover_forfeited",
-    "credit.overage_charged", "credit.overage_reset", "credit.manual_adjustment",
-})
+LEDGER_EVENTS = frozenset(
+    {
+        "credit.added",
+        "credit.deducted",
+        "credit.expired",
+        "credit.rolled_over",
+        "credit.rollover_forfeited",
+        "credit.overage_charged",
+        "credit.overage_reset",
+        "credit.manual_adjustment",
+    }
+)
 
 Handler = Callable[[Session, InboxEvent, dict[str, Any], HandlerContext], None]
 
@@ -72,9 +80,14 @@ def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any
     parsed = parse_subscription(payload)
     snapshot = parsed.snapshot
     apply_customer_snapshot(
-        session, customer_id=snapshot.customer_id, provider=PROVIDER,
+        session,
+        customer_id=snapshot.customer_id,
+        provider=PROVIDER,
         watermark=Watermark(at=_received_seconds(event), rank=0, event_id=event.provider_event_id),
-        email=parsed.customer_email, name=parsed.customer_name, deleted=False)
+        email=parsed.customer_email,
+        name=parsed.customer_name,
+        deleted=False,
+    )
     if not apply_subscription_snapshot(session, snapshot, subscription_watermark(event, parsed)):
         return  # an older state than the one stored: its cart is older too
     _replace_cart(session, parsed)
@@ -94,28 +107,46 @@ def _replace_cart(session: Session, parsed: DodoSubscription) -> None:
         entitlement.name, entitlement.unit = line.name, line.unit
         entitlement.overage_enabled, entitlement.overage_limit = line.overage_enabled, overage_limit
         note_display_precision(session, line.entitlement_id, line.places)
-        session.add(SubscriptionCredit(
-            subscription_id=subscription_id, entitlement_id=line.entitlement_id, product_id=line.product_id,
-            credits_amount=line.credits_amount.atoms, overage_enabled=line.overage_enabled,
-            overage_limit=overage_limit, overage_behavior=line.overage_behavior,
-            rollover_enabled=line.rollover_enabled,
-            reported_balance=line.remaining_balance.atoms if line.remaining_balance else None,
-            reported_overage=line.overage_balance.atoms if line.overage_balance else None,
-        ))
+        session.add(
+            SubscriptionCredit(
+                subscription_id=subscription_id,
+                entitlement_id=line.entitlement_id,
+                product_id=line.product_id,
+                credits_amount=line.credits_amount.atoms,
+                overage_enabled=line.overage_enabled,
+                overage_limit=overage_limit,
+                overage_behavior=line.overage_behavior,
+                rollover_enabled=line.rollover_enabled,
+                reported_balance=line.remaining_balance.atoms if line.remaining_balance else None,
+                reported_overage=line.overage_balance.atoms if line.overage_balance else None,
+            )
+        )
         # The customer's effective overage terms for this balance (it moves only with ledger entries).
         balance = lock_balance(session, customer_id, line.entitlement_id)
         balance.overage_enabled, balance.overage_limit = line.overage_enabled, overage_limit
     for meter in parsed.meters:
-        session.add(SubscriptionMeter(
-            subscription_id=subscription_id, meter_id=meter.meter_id, name=meter.name,
-            description=meter.description, currency=meter.currency, free_threshold=meter.free_threshold,
-            measurement_unit=meter.measurement_unit, price_per_unit=meter.price_per_unit,
-        ))
+        session.add(
+            SubscriptionMeter(
+                subscription_id=subscription_id,
+                meter_id=meter.meter_id,
+                name=meter.name,
+                description=meter.description,
+                currency=meter.currency,
+                free_threshold=meter.free_threshold,
+                measurement_unit=meter.measurement_unit,
+                price_per_unit=meter.price_per_unit,
+            )
+        )
     for link in parsed.meter_credits:
-        session.add(SubscriptionMeterCredit(
-            subscription_id=subscription_id, meter_id=link.meter_id, entitlement_id=link.entitlement_id,
-            meter_name=link.meter_name, meter_units_per_credit=link.meter_units_per_credit,
-        ))
+        session.add(
+            SubscriptionMeterCredit(
+                subscription_id=subscription_id,
+                meter_id=link.meter_id,
+                entitlement_id=link.entitlement_id,
+                meter_name=link.meter_name,
+                meter_units_per_credit=link.meter_units_per_credit,
+            )
+        )
     session.flush()
 
 
@@ -130,27 +161,47 @@ def _on_ledger_entry(session: Session, event: InboxEvent, payload: dict[str, Any
 
 def _on_balance_low(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
     alert = parse_balance_low(payload)
-    insert_ignoring_conflicts(session, CreditAlert.__table__, {
-        "inbox_event_id": event.id, "provider": PROVIDER, "kind": "balance_low",
-        "customer_id": alert.customer_id, "subscription_id": alert.subscription_id,
-        "entitlement_id": alert.entitlement_id, "entitlement_name": alert.entitlement_name,
-        "available_balance": alert.available_balance,
-        "subscription_credits_amount": alert.subscription_credits_amount,
-        "threshold_percent": alert.threshold_percent, "threshold_amount": alert.threshold_amount,
-        "created_at": context.now,
-    })
+    insert_ignoring_conflicts(
+        session,
+        CreditAlert.__table__,
+        {
+            "inbox_event_id": event.id,
+            "provider": PROVIDER,
+            "kind": "balance_low",
+            "customer_id": alert.customer_id,
+            "subscription_id": alert.subscription_id,
+            "entitlement_id": alert.entitlement_id,
+            "entitlement_name": alert.entitlement_name,
+            "available_balance": alert.available_balance,
+            "subscription_credits_amount": alert.subscription_credits_amount,
+            "threshold_percent": alert.threshold_percent,
+            "threshold_amount": alert.threshold_amount,
+            "created_at": context.now,
+        },
+    )
 
 
 def _on_payment(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
     kind = "refund" if event.type.startswith("refund.") else "payment"
     state = parse_payment_or_refund(kind, payload)
-    insert_ignoring_conflicts(session, ProviderPayment.__table__, {
-        "provider": PROVIDER, "kind": kind, "object_id": state.object_id, "last_event_type": event.type,
-        "watermark_received_at": event.received_at, "created_at": utcnow(), "updated_at": utcnow(),
-    })
+    insert_ignoring_conflicts(
+        session,
+        ProviderPayment.__table__,
+        {
+            "provider": PROVIDER,
+            "kind": kind,
+            "object_id": state.object_id,
+            "last_event_type": event.type,
+            "watermark_received_at": event.received_at,
+            "created_at": utcnow(),
+            "updated_at": utcnow(),
+        },
+    )
     row = session.execute(
-        select(ProviderPayment).where(ProviderPayment.provider == PROVIDER, ProviderPayment.object_id == state.object_id)
-        .with_for_update().execution_options(populate_existing=True)
+        select(ProviderPayment)
+        .where(ProviderPayment.provider == PROVIDER, ProviderPayment.object_id == state.object_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).scalar_one()
     if row.status is not None and event.received_at < row.watermark_received_at:
         return  # an older state than the one stored

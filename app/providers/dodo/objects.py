@@ -270,8 +270,9 @@ def parse_ledger_entry(payload: object) -> ProviderEntry:
         reference_type=data.get("reference_type"),
         reference_id=data.get("reference_id"),
         extra=extra,
-        display_precision=max(amount.places, balance_before.places, balance_after.places, overage_before.places,
-                              overage_after.places),
+        display_precision=max(
+            amount.places, balance_before.places, balance_after.places, overage_before.places, overage_after.places
+        ),
     )
 
 
@@ -409,10 +410,15 @@ def parse_subscription(payload: object) -> DodoSubscription:
         customer_name=customer.get("name"),
         cart=[_cart_line(line) for line in data.get("credit_entitlement_cart") or ()],
         meters=[_meter_line(meter) for meter in data.get("meters") or ()],
-        meter_credits=[MeterCreditLine(meter_id=link["meter_id"], entitlement_id=link["credit_entitlement_id"],
-                                       meter_name=link.get("meter_name"),
-                                       meter_units_per_credit=link["meter_units_per_credit"])
-                       for link in data.get("meter_credit_entitlement_cart") or ()],
+        meter_credits=[
+            MeterCreditLine(
+                meter_id=link["meter_id"],
+                entitlement_id=link["credit_entitlement_id"],
+                meter_name=link.get("meter_name"),
+                meter_units_per_credit=link["meter_units_per_credit"],
+            )
+            for link in data.get("meter_credit_entitlement_cart") or ()
+        ],
     )
 
 
@@ -442,7 +448,13 @@ def parse_payment_or_refund(kind: str, payload: object) -> PaymentState:
         data = payment = validate(PAYMENT_EVENT, payload)["data"]
         object_id, payment_id, amount = payment["payment_id"], None, payment.get("total_amount")
     return PaymentState(
-        kind=kind, object_id=object_id, payment_id=payment_id,
-        customer_id=(data.get("customer") or {}).get("customer_id"), subscription_id=data.get("subscription_id"),
-        status=data.get("status"), amount=amount, currency=data.get("currency"), created_at=data.get("created_at"),
+        kind=kind,
+        object_id=object_id,
+        payment_id=payment_id,
+        customer_id=(data.get("customer") or {}).get("customer_id"),
+        subscription_id=data.get("subscription_id"),
+        status=data.get("status"),
+        amount=amount,
+        currency=data.get("currency"),
+        created_at=data.get("created_at"),
     )

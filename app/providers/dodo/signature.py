@@ -40,7 +40,12 @@ def _check_headers(headers: Mapping[str, str], tolerance: int, now: float) -> tu
 
 
 def verify_dodo_signature(
-    body: bytes, headers: Mapping[str, str], keys: tuple[str, ...], *, tolerance: int = 300, now: float | None = None,
+    body: bytes,
+    headers: Mapping[str, str],
+    keys: tuple[str, ...],
+    *,
+    tolerance: int = 300,
+    now: float | None = None,
 ) -> str:
     """Return the webhook-id (the dedupe key) when one of the keys signed `body`; raise ApiError otherwise."""
     webhook_id, timestamp, signature = _check_headers(headers, tolerance, time.time() if now is None else now)

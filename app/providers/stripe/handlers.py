@@ -52,8 +52,15 @@ def _resolve_plan(context: HandlerContext, price: PriceRef) -> PlanSpec | None:
 
 
 def open_plan_period(
-    session: Session, context: HandlerContext, plan: PlanSpec, *, customer_id: str, subscription_id: str,
-    start: datetime, end: datetime, source: Source,
+    session: Session,
+    context: HandlerContext,
+    plan: PlanSpec,
+    *,
+    customer_id: str,
+    subscription_id: str,
+    start: datetime,
+    end: datetime,
+    source: Source,
 ) -> bool:
     """Grant a plan's credits for a period (once), moving the customer's balance into it."""
     spec = context.catalogue.entitlement_for(plan)
@@ -87,9 +94,16 @@ def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any
         and snapshot.period_end is not None
         and snapshot.period_end > context.now
     ):
-        open_plan_period(session, context, plan, customer_id=snapshot.customer_id, subscription_id=snapshot.id,
-                         start=snapshot.period_start, end=snapshot.period_end,
-                         source=Source(inbox_event_id=event.id))
+        open_plan_period(
+            session,
+            context,
+            plan,
+            customer_id=snapshot.customer_id,
+            subscription_id=snapshot.id,
+            start=snapshot.period_start,
+            end=snapshot.period_end,
+            source=Source(inbox_event_id=event.id),
+        )
 
 
 def _on_invoice_paid(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
@@ -103,17 +117,31 @@ def _on_invoice_paid(session: Session, event: InboxEvent, payload: dict[str, Any
     if plan is None:
         return
     ensure_customer(session, period.customer_id, "stripe")
-    open_plan_period(session, context, plan, customer_id=period.customer_id, subscription_id=period.subscription_id,
-                     start=period.start, end=period.end,
-                     source=Source(inbox_event_id=event.id, description=f"invoice {period.invoice_id} paid"))
+    open_plan_period(
+        session,
+        context,
+        plan,
+        customer_id=period.customer_id,
+        subscription_id=period.subscription_id,
+        start=period.start,
+        end=period.end,
+        source=Source(inbox_event_id=event.id, description=f"invoice {period.invoice_id} paid"),
+    )
 
 
 def _on_customer(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
     customer = parse_customer_event(payload)
     deleted = customer.info.type == "customer.deleted" or customer.deleted
-    apply_customer_snapshot(session, customer_id=customer.customer_id, provider="stripe",
-                            watermark=_watermark(customer.info), email=customer.email, name=customer.name,
-                            deleted=deleted, deleted_at=context.now if deleted else None)
+    apply_customer_snapshot(
+        session,
+        customer_id=customer.customer_id,
+        provider="stripe",
+        watermark=_watermark(customer.info),
+        email=customer.email,
+        name=customer.name,
+        deleted=deleted,
+        deleted_at=context.now if deleted else None,
+    )
 
 
 HANDLERS: dict[str, Callable[[Session, InboxEvent, dict[str, Any], HandlerContext], None]] = {

@@ -330,8 +330,12 @@ def previous_state(previous: _PreviousAttributes | None) -> dict[str, Any] | Non
 
 
 def _info(event: _SubscriptionEvent | _CustomerEvent) -> EventInfo:
-    return EventInfo(id=event["id"], type=event["type"], created=int(event["created"].timestamp()),
-                     previous=previous_state(event["data"].get("previous_attributes")))
+    return EventInfo(
+        id=event["id"],
+        type=event["type"],
+        created=int(event["created"].timestamp()),
+        previous=previous_state(event["data"].get("previous_attributes")),
+    )
 
 
 def parse_subscription_event(payload: object) -> SubscriptionEvent:
@@ -365,8 +369,13 @@ def parse_customer_event(payload: object) -> CustomerEvent:
     """A `customer.*` event: the customer's snapshot."""
     event = validate(CUSTOMER_EVENT, payload)
     customer = event["data"]["object"]
-    return CustomerEvent(info=_info(event), customer_id=customer["id"], email=customer.get("email"),
-                         name=customer.get("name"), deleted=bool(customer.get("deleted")))
+    return CustomerEvent(
+        info=_info(event),
+        customer_id=customer["id"],
+        email=customer.get("email"),
+        name=customer.get("name"),
+        deleted=bool(customer.get("deleted")),
+    )
 
 
 def parse_paid_invoice(payload: object) -> PaidPeriod | None:
@@ -378,7 +387,8 @@ def parse_paid_invoice(payload: object) -> PaidPeriod | None:
         return None
     for line in (invoice.get("lines") or {}).get("data") or ():
         is_subscription_line = line.get("type") == "subscription" or (
-            (line.get("parent") or {}).get("type") == "subscription_item_details")
+            (line.get("parent") or {}).get("type") == "subscription_item_details"
+        )
         period = line.get("period") or {}
         start, end = period.get("start"), period.get("end")
         if not is_subscription_line or line.get("proration") or start is None or end is None:
@@ -392,6 +402,12 @@ def parse_paid_invoice(payload: object) -> PaidPeriod | None:
         invoice_id, customer_id = invoice.get("id"), invoice.get("customer")
         if invoice_id is None or customer_id is None:
             raise PayloadError(f"data.object.{'customer' if invoice_id else 'id'}: {NOT_AN_ID}")
-        return PaidPeriod(invoice_id=invoice_id, customer_id=customer_id, subscription_id=subscription_id,
-                          start=start, end=end, price=price)
+        return PaidPeriod(
+            invoice_id=invoice_id,
+            customer_id=customer_id,
+            subscription_id=subscription_id,
+            start=start,
+            end=end,
+            price=price,
+        )
     return None
