@@ -44,7 +44,7 @@ from app.providers.base import HandlerContext
 from app.providers.dodo.objects import (
     PROVIDER,
     DodoSubscription,
-    envelope,
+    event_type,
     parse_balance_low,
     parse_ledger_entry,
     parse_payment_or_refund,
@@ -77,8 +77,8 @@ def subscription_watermark(event: InboxEvent, parsed: DodoSubscription) -> Water
     return Watermark(at=period_start, rank=_received_seconds(event) - period_start, event_id=event.provider_event_id)
 
 
-def _on_subscription(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
-    parsed = parse_subscription(data)
+def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    parsed = parse_subscription(payload)
     snapshot = parsed.snapshot
     apply_customer_snapshot(
         session,
@@ -151,8 +151,8 @@ def _replace_cart(session: Session, parsed: DodoSubscription) -> None:
     session.flush()
 
 
-def _on_ledger_entry(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
-    entry = parse_ledger_entry(data)
+def _on_ledger_entry(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    entry = parse_ledger_entry(payload)
     ensure_customer(session, entry.customer_id, PROVIDER)
     try:
         mirror_entry(session, entry, inbox_event_id=event.id)
@@ -160,8 +160,8 @@ def _on_ledger_entry(session: Session, event: InboxEvent, data: dict[str, Any], 
         raise PayloadError(str(error)) from None
 
 
-def _on_balance_low(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
-    alert = parse_balance_low(data)
+def _on_balance_low(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    alert = parse_balance_low(payload)
     insert_ignoring_conflicts(
         session,
         CreditAlert,
@@ -182,9 +182,9 @@ def _on_balance_low(session: Session, event: InboxEvent, data: dict[str, Any], c
     )
 
 
-def _on_payment(session: Session, event: InboxEvent, data: dict[str, Any], context: HandlerContext) -> None:
+def _on_payment(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
     kind = "refund" if event.type.startswith("refund.") else "payment"
-    state = parse_payment_or_refund(kind, data)
+    state = parse_payment_or_refund(kind, payload)
     insert_ignoring_conflicts(
         session,
         ProviderPayment,
@@ -225,10 +225,13 @@ def _handler_for(event_type: str) -> Handler | None:
 
 
 def handle(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> bool:
-    """Apply one Dodo event in the caller's transaction; False for types Tally keeps but does not use."""
-    event_type, data = envelope(payload)
-    handler = _handler_for(event_type)
+    """Apply one Dodo event in the caller's transaction; False for types Tally keeps but does not use.
+
+    Every envelope is validated (its `data` must be an object whatever the type); a handler then
+    validates the whole event against its shape before it reads anything.
+    """
+    handler = _handler_for(event_type(payload))
     if handler is None:
         return False
-    handler(session, event, data, context)
+    handler(session, event, payload, context)
     return True

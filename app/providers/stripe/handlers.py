@@ -12,11 +12,17 @@ from app.billing.plans import open_plan_period
 from app.billing.snapshots import Watermark
 from app.billing.subscriptions import apply_customer_snapshot, apply_subscription_snapshot, ensure_customer
 from app.catalogue import PlanSpec
-from app.errors import PayloadError
 from app.ledger.posting import Source
 from app.models import InboxEvent, Subscription
 from app.providers.base import HandlerContext
-from app.providers.stripe.objects import PriceRef, parse_paid_invoice, parse_subscription, previous_state
+from app.providers.stripe.objects import (
+    EventInfo,
+    PriceRef,
+    event_type,
+    parse_customer_event,
+    parse_paid_invoice,
+    parse_subscription_event,
+)
 
 GRANTING_STATUSES = frozenset({"active", "trialing"})
 
@@ -34,16 +40,8 @@ LIFECYCLE_RANK = {
 }
 
 
-def _watermark(payload: dict[str, Any], data: dict[str, Any]) -> Watermark:
-    created = payload.get("created")
-    if isinstance(created, bool) or not isinstance(created, int):
-        raise PayloadError("event.created must be a unix timestamp")
-    return Watermark(
-        at=created,
-        rank=LIFECYCLE_RANK.get(payload["type"], 1),
-        event_id=payload["id"],
-        previous=previous_state(data.get("previous_attributes")),
-    )
+def _watermark(info: EventInfo) -> Watermark:
+    return Watermark(at=info.created, rank=LIFECYCLE_RANK.get(info.type, 1), event_id=info.id, previous=info.previous)
 
 
 def _resolve_plan(context: HandlerContext, price: PriceRef) -> PlanSpec | None:
@@ -53,11 +51,10 @@ def _resolve_plan(context: HandlerContext, price: PriceRef) -> PlanSpec | None:
 
 
 def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
-    data = payload["data"]
-    snapshot, price = parse_subscription(data.get("object"))
-    plan = _resolve_plan(context, price)
-    snapshot = replace(snapshot, plan_key=plan.key if plan else None)
-    if not apply_subscription_snapshot(session, snapshot, _watermark(payload, data)):
+    parsed = parse_subscription_event(payload)
+    plan = _resolve_plan(context, parsed.price)
+    snapshot = replace(parsed.snapshot, plan_key=plan.key if plan else None)
+    if not apply_subscription_snapshot(session, snapshot, _watermark(parsed.info)):
         return
     if (
         plan is not None
@@ -79,7 +76,7 @@ def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any
 
 
 def _on_invoice_paid(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
-    period = parse_paid_invoice(payload["data"].get("object"))
+    period = parse_paid_invoice(payload)
     if period is None or period.end <= context.now:
         return  # a one-off invoice, or a period already over: nothing left to grant
     plan = _resolve_plan(context, period.price)
@@ -102,18 +99,15 @@ def _on_invoice_paid(session: Session, event: InboxEvent, payload: dict[str, Any
 
 
 def _on_customer(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
-    data = payload["data"]
-    customer = data.get("object")
-    if not isinstance(customer, dict) or not isinstance(customer.get("id"), str):
-        raise PayloadError("data.object must be a customer with an id")
-    deleted = payload["type"] == "customer.deleted" or bool(customer.get("deleted"))
+    customer = parse_customer_event(payload)
+    deleted = customer.info.type == "customer.deleted" or customer.deleted
     apply_customer_snapshot(
         session,
-        customer_id=customer["id"],
+        customer_id=customer.customer_id,
         provider="stripe",
-        watermark=_watermark(payload, data),
-        email=customer.get("email"),
-        name=customer.get("name"),
+        watermark=_watermark(customer.info),
+        email=customer.email,
+        name=customer.name,
         deleted=deleted,
         deleted_at=context.now if deleted else None,
     )
@@ -129,12 +123,10 @@ HANDLERS: dict[str, Callable[[Session, InboxEvent, dict[str, Any], HandlerContex
 
 
 def handle(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> bool:
-    if payload.get("object") == "v2.core.event":
-        return False  # thin events carry no snapshot; they are kept for reconciliation to fetch
-    handler = HANDLERS.get(payload.get("type", ""))
+    """Apply one Stripe event; a handler validates the whole event against its shape before it reads anything."""
+    kind = event_type(payload)  # None for thin events: kept for reconciliation to fetch
+    handler = HANDLERS.get(kind) if kind is not None else None
     if handler is None:
         return False
-    if not isinstance(payload.get("data"), dict) or not isinstance(payload.get("id"), str):
-        raise PayloadError("the event needs an id and a data object")
     handler(session, event, payload, context)
     return True
