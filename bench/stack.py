@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +205,10 @@ class Stack:
         self.env: dict[str, str] = {}
         self.token = ""
         self._engine: Engine | None = None
+        self.profile_dir: Path | None = None  # set by --profile
+        self.profile_phase: str | None = None
+        self.profilers: list[tuple[subprocess.Popen, Path]] = []
+        self.profiles: list[Path] = []
 
     # the stack's parts -----------------------------------------------------------------------------
 
@@ -247,8 +252,24 @@ class Stack:
         return self._engine
 
     def sql(self, statement: str, **params: Any) -> list[Any]:
-        with self.engine.connect() as connection:
-            return list(connection.execute(text(statement), params))
+        """A read of Tally's tables. The PostgreSQL server is shared: when it has no connection to
+        spare ("too many clients") this waits for one rather than failing the run."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with self.engine.connect() as connection:
+                    return list(connection.execute(text(statement), params))
+            except OperationalError as error:
+                if "too many clients" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def free_connections(self) -> tuple[int, int]:
+        """(connections free for clients like us, max_connections) on the shared PostgreSQL server."""
+        limit, reserved, used = self.sql(
+            "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int, "
+            "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')")[0]
+        return limit - reserved - used, limit
 
     def scalar(self, statement: str, **params: Any) -> Any:
         return self.sql(statement, **params)[0][0]
@@ -302,9 +323,44 @@ class Stack:
                 if b"Worker process is ready for action" in handle.read():
                     ready = time.monotonic()
                     self.sampler.restart("worker")
+                    if self.profile_phase:
+                        self.start_profile("worker", process.pid)
                     return ready
             time.sleep(0.01)
         raise RuntimeError(f"tally worker did not get ready in 60 s; see {log}")
+
+    def start_profile(self, role: str, pid: int) -> None:
+        """py-spy on a process (and its children) until `stop_profiles` or the process ends."""
+        assert self.profile_dir is not None and self.profile_phase is not None
+        out = self.profile_dir / f"{self.kind}-{self.profile_phase.replace(' ', '_')}-{role}-{len(self.profiles)}.txt"
+        spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-f", "raw", "--nolineno", "--subprocesses",
+                                "--nonblocking", "-r", "100", "-p", str(pid), "-o", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=(self.dir / "py-spy.log").open("ab"),
+                               start_new_session=True)
+        self.profilers.append((spy, out))
+        self.profiles.append(out)
+
+    def start_profiles(self, phase: str) -> None:
+        if self.profile_dir is None:
+            return
+        self.profile_phase = phase
+        for role in ("web", "worker"):
+            process = self.processes.get(role)
+            if process is not None and process.poll() is None:
+                self.start_profile(role, process.pid)
+
+    def stop_profiles(self) -> None:
+        self.profile_phase = None
+        for spy, _ in self.profilers:
+            if spy.poll() is None:
+                spy.send_signal(signal.SIGINT)
+        for spy, _ in self.profilers:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait(5)
+        self.profilers = []
 
     def stop(self, name: str, timeout: float = 30) -> None:
         process = self.processes.pop(name, None)
@@ -326,6 +382,7 @@ class Stack:
             process.wait(5)
 
     def close(self, keep: bool = False) -> None:
+        self.stop_profiles()
         for name in ("worker", "web", "redis"):
             try:
                 self.stop(name, timeout=15)
