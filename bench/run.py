@@ -1,18 +1,25 @@
 """`make bench`: every figure of the throughput issue in one run, with its baseline, ratio and floor.
 
-    .venv/bin/python bench/run.py [--only P1,P3] [--quick] [--no-embedded] [--strict] [--keep]
+    make bench                                   # the whole run, ~5-6 minutes
+    make bench BENCH_ARGS="--quick --only P1,P3"  # or .venv/bin/python bench/run.py --quick --only P1,P3
+    options: --only P1,P2,P2b,P3,P4,P5  --quick  --no-embedded  --embedded-only  --strict  --keep  --profile
 
 What runs (the production shape first, as an operator would run it on this 2-core machine):
 
 - a scratch PostgreSQL database on 127.0.0.1:5432 (created, `tally migrate`d, dropped at the end) and a
   private `redis-server` on a free port (no persistence); one web process, `uvicorn
   bench.server:create_app --factory` (Tally's `app.web:create_app` plus `/bare` GET/POST routes, one
-  process, uvloop/httptools, no access log); one `tally worker --processes 1 --threads 8`; a service
-  token from `tally keys create --service`; a plan catalogue (TALLY_PLANS) written by the bench
-  (bench/workload.py). Customers and balances are made as an operator's would be: one signed Stripe
-  `customer.subscription.created` webhook per customer whose price is in the catalogue.
+  process, uvloop/httptools, no access log, the app's default pool of 20); one `tally worker
+  --processes 1 --threads 8`; a service token from `tally keys create --service` (stored hashed in
+  the database, as an operator's CLI-made token is; TALLY_API_KEYS is not set); a plan catalogue
+  (TALLY_PLANS) written by the bench (bench/workload.py). Customers and balances are made as an
+  operator's would be: one signed Stripe `customer.subscription.created` webhook per customer whose
+  price is in the catalogue. No `tally clock` runs (nothing here waits for the sweeper).
 - then the same figures on the embedded default (SQLite file, in-process broker and workers inside
-  the web process), as information with no floor.
+  the web process), as information with no floor, with --quick's sizes. There the workers cannot
+  be stopped, so P2/P2b are timed from the first store to the last event applied (a fixed set of
+  webhooks for P2b), and the baselines are SQLite's: single-row INSERT transactions and 64 threads
+  updating one row, with Tally's pragmas (WAL, synchronous=NORMAL).
 
 The figures (the issue's table), each divided by a bare baseline measured in the same run:
 
@@ -21,14 +28,16 @@ The figures (the issue's table), each divided by a bare baseline measured in the
   is stopped, so the web process has the machine to itself and the accepted events wait in Redis.
   The events are six-event subscription lifecycles (created, invoice.paid, two updates, a renewal's
   invoice.paid and update; workload.subscription_lifecycle).
-- P2b: those stored events (all that P1 stored; 500 lifecycles when P1 is not selected) applied/s by
+- P2b: those stored events (all that P1 stored, so P1 always brings P2b along; without P1 a fixed
+  set of 3,000 events, 1,200 with --quick, stored the same way by a closed-loop client) applied/s by
   one worker: the worker is started and timed from its "ready for action" line until no inbox event
   is pending ÷ single-row INSERT + COMMIT transactions/s from one psycopg connection (the mean of a
   round before P2b and one after P2).
 - P2: 8,000 usage events (sum meter, 1..5 units each) over 50 customers, stored by `/events/ingest`
   in batches of 80 (each batch one customer's, two per customer) while the worker is stopped, then applied/s by the
   worker, timed as P2b ÷ the same bare INSERTs. One of the 50 customers has a 100-credit hard cap,
-  so some events are refused: "applied or refused" is checked, not assumed.
+  so some events are refused: "applied or refused" is checked, not assumed. ("Nothing pending" is read
+  from `usage_events.status` / `inbox_events.status`, polled every 20 ms.)
 - P3: `GET /usage?customer_id=` and `GET /credit-entitlements/{ce}/balances/{customer}` (service
   token, round robin over the 50 customers) req/s at wrk -c32 ÷ `GET /bare`; then each of the three
   paced at 1,000 req/s over 32 connections (bench/httpload.py, latency from the intended send time),
@@ -41,7 +50,8 @@ The figures (the issue's table), each divided by a bare baseline measured in the
   with distinct idempotency keys ÷ `pgbench -n -c 64 -j 2` running `UPDATE … SET v = v + 1` on one
   row. Zero overshoot: a second balance of 1,000 credits is hit by 1,000 debits of 3 from 64
   connections (closed loop, every answer read): exactly 333 accepted, 667 refused, balance 1, no
-  entry ever below zero.
+  entry ever below zero. The PostgreSQL server is shared (max_connections 100): pgbench waits up to
+  90 s for 64 free connections, else the row says so and the run fails.
 - Memory: VmRSS of the web process and of the worker's largest process, sampled every 0.5 s during
   every phase (a worker's samples start at its ready line); floor < 250 MB each, and flat: over the
   second half of every load phase it grows by at most 10 MB (the first half is allowed its warm-up:
@@ -51,7 +61,8 @@ After the run (and within phases) the counts must be exact: every delivery store
 inbox event processed or skipped (none pending or failed), every usage event applied or refused
 (none pending), the credits deducted equal to the units of the applied events, and `tally verify`
 clean. The bench exits 1 when any of that fails (floors only print FAIL; `--strict` makes them fail
-the exit code too). Results are also written as JSON to bench/results/ (git-ignored).
+the exit code too). Results are also written as JSON to bench/results/latest.json and a dated copy
+(git-ignored); `--profile` adds py-spy stacks of each phase there and a summary (bench/profile.py).
 
 The ratio within one run is what counts: this machine is shared and absolute figures move 2x.
 """

@@ -90,12 +90,15 @@ def rss_mb(pid: int) -> float | None:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of its children that have ended and been waited for (cutime, cstime):
+    summed over the live processes of a tree, every CPU second of the tree counts once, also those of
+    short-lived children (PostgreSQL's backends, which come and go with the app's pool)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return sum(int(value) for value in fields[11:15]) / CLK_TCK
 
 
 @dataclass
