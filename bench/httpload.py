@@ -26,8 +26,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 try:
     import uvloop
@@ -35,8 +37,9 @@ except ImportError:  # pragma: no cover - uvicorn[standard] brings it
     uvloop = None
 
 
-def http_request(method: str, path: str, host: str, headers: dict[str, str] | None = None,
-                 body: str | bytes | None = None) -> bytes:
+def http_request(
+    method: str, path: str, host: str, headers: dict[str, str] | None = None, body: str | bytes | None = None
+) -> bytes:
     data = body.encode() if isinstance(body, str) else (body or b"")
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
@@ -53,7 +56,7 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     at = lower.find(b"\r\ncontent-length:")
     if at < 0:
         raise ConnectionError("answer without content-length")
-    length = int(lower[at + 17:lower.index(b"\r\n", at + 2)])
+    length = int(lower[at + 17 : lower.index(b"\r\n", at + 2)])
     body = await reader.readexactly(length) if length else b""
     return status, body
 
@@ -62,7 +65,7 @@ def percentile(values: list[float], share: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 @dataclass
@@ -79,10 +82,19 @@ class Outcome:
     errors: Counter = field(default_factory=Counter)
 
 
-async def run_load(host: str, port: int, make: Callable[[int], bytes], *, count: int, connections: int,
-                   rate: float | None = None, grace: float = 2.0, in_flight_timeout: float = 30.0,
-                   keep_bodies: bool = False, on_answer: Callable[[int, int, bytes, float], None] | None = None,
-                   ) -> Outcome:
+async def run_load(
+    host: str,
+    port: int,
+    make: Callable[[int], bytes],
+    *,
+    count: int,
+    connections: int,
+    rate: float | None = None,
+    grace: float = 2.0,
+    in_flight_timeout: float = 30.0,
+    keep_bodies: bool = False,
+    on_answer: Callable[[int, int, bytes, float], None] | None = None,
+) -> Outcome:
     """Send requests 0..count-1 (`make(i)` gives the bytes); paced at `rate`/s, or closed-loop if None."""
     out = Outcome()
     queue: asyncio.Queue = asyncio.Queue()
@@ -146,7 +158,7 @@ async def run_load(host: str, port: int, make: Callable[[int], bytes], *, count:
             out.unsent += 1
     for _ in workers:
         queue.put_nowait(None)
-    done, pending = await asyncio.wait(workers, timeout=in_flight_timeout if rate is not None else None)
+    _, pending = await asyncio.wait(workers, timeout=in_flight_timeout if rate is not None else None)
     for task in pending:
         task.cancel()
     out.lost += len(in_flight) if pending else 0
@@ -160,6 +172,7 @@ def run(coroutine: Any) -> Any:
 
 
 # --- P4: answer -> deduction visible -------------------------------------------------------------
+
 
 class VisibilityPoller(threading.Thread):
     """Polls the database for answered usage events that are no longer pending."""
@@ -186,23 +199,30 @@ class VisibilityPoller(threading.Thread):
 
             def query(ids: list[str]) -> list[str]:
                 rows = connection.execute(
-                    "SELECT event_id FROM usage_events WHERE event_id = ANY(%s) AND status <> 'pending'", (ids,))
+                    "SELECT event_id FROM usage_events WHERE event_id = ANY(%s) AND status <> 'pending'", (ids,)
+                )
                 return [row[0] for row in rows]
         else:
             import sqlite3
 
-            connection = sqlite3.connect(self.database.removeprefix("sqlite:///"), isolation_level=None,
-                                         check_same_thread=False)
+            connection = sqlite3.connect(
+                self.database.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False
+            )
 
             def query(ids: list[str]) -> list[str]:
                 found: list[str] = []
                 for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
+                    chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
-                    found += [row[0] for row in connection.execute(
-                        f"SELECT event_id FROM usage_events WHERE event_id IN ({marks}) AND status <> 'pending'",
-                        chunk)]
+                    found += [
+                        row[0]
+                        for row in connection.execute(
+                            f"SELECT event_id FROM usage_events WHERE event_id IN ({marks}) AND status <> 'pending'",
+                            chunk,
+                        )
+                    ]
                 return found
+
         return query
 
     def run(self) -> None:
@@ -229,6 +249,7 @@ class VisibilityPoller(threading.Thread):
 
 # --- the subprocess entry point -------------------------------------------------------------------
 
+
 def _factory(spec: dict[str, Any]) -> Callable[[int], bytes]:
     host = f"{spec['host']}:{spec['port']}"
     auth = {"Authorization": f"Bearer {spec['token']}"} if spec.get("token") else {}
@@ -242,23 +263,41 @@ def _factory(spec: dict[str, Any]) -> Callable[[int], bytes]:
         headers = {**auth, "Content-Type": "application/json"}
 
         def ingest(i: int) -> bytes:
-            body = json.dumps({"events": [{"event_id": f"{prefix}-{i}", "customer_id": customers[i % len(customers)],
-                                           "event_name": spec["event_name"], "metadata": {spec["key"]: 1}}]})
+            body = json.dumps(
+                {
+                    "events": [
+                        {
+                            "event_id": f"{prefix}-{i}",
+                            "customer_id": customers[i % len(customers)],
+                            "event_name": spec["event_name"],
+                            "metadata": {spec["key"]: 1},
+                        }
+                    ]
+                }
+            )
             return http_request("POST", "/events/ingest", host, headers, body)
+
         return ingest
     if kind == "debit":
         headers = {**auth, "Content-Type": "application/json"}
 
         def debit(i: int) -> bytes:
-            body = json.dumps({"entry_type": "debit", "amount": str(spec["amount"]),
-                               "idempotency_key": f"{spec['prefix']}-{i}", "reason": "bench"})
+            body = json.dumps(
+                {
+                    "entry_type": "debit",
+                    "amount": str(spec["amount"]),
+                    "idempotency_key": f"{spec['prefix']}-{i}",
+                    "reason": "bench",
+                }
+            )
             return http_request("POST", spec["path"], host, headers, body)
+
         return debit
     raise ValueError(f"unknown kind {kind!r}")
 
 
 def main(spec_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
+    spec = json.loads(Path(spec_path).read_text())
     make = _factory(spec)
     rate = spec.get("rate")
     count = spec["count"] if rate is None else int(rate * spec["duration"])
@@ -274,15 +313,30 @@ def main(spec_path: str) -> None:
     if poller is not None:
         poller.start()
     usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    outcome = run(run_load(spec["host"], spec["port"], make, count=count, connections=spec["connections"],
-                           rate=rate, grace=spec.get("grace", 2.0), on_answer=on_answer))
+    outcome = run(
+        run_load(
+            spec["host"],
+            spec["port"],
+            make,
+            count=count,
+            connections=spec["connections"],
+            rate=rate,
+            grace=spec.get("grace", 2.0),
+            on_answer=on_answer,
+        )
+    )
     usage1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     result: dict[str, Any] = {
-        "planned": count, "sent": outcome.sent, "unsent": outcome.unsent, "lost": outcome.lost,
-        "statuses": {str(k): v for k, v in sorted(outcome.statuses.items())}, "errors": dict(outcome.errors),
+        "planned": count,
+        "sent": outcome.sent,
+        "unsent": outcome.unsent,
+        "lost": outcome.lost,
+        "statuses": {str(k): v for k, v in sorted(outcome.statuses.items())},
+        "errors": dict(outcome.errors),
         "answered": sum(outcome.statuses.values()),
         "seconds": (outcome.last_answer - outcome.t0) if outcome.last_answer else None,
-        "p50_ms": _ms(percentile(outcome.latencies, 0.5)), "p99_ms": _ms(percentile(outcome.latencies, 0.99)),
+        "p50_ms": _ms(percentile(outcome.latencies, 0.5)),
+        "p99_ms": _ms(percentile(outcome.latencies, 0.99)),
         "max_ms": _ms(max(outcome.latencies, default=None)),
         "service_p50_ms": _ms(percentile(outcome.service, 0.5)),
         "service_p99_ms": _ms(percentile(outcome.service, 0.99)),
@@ -297,13 +351,17 @@ def main(spec_path: str) -> None:
         usage2, wall2 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
         with poller.lock:
             not_visible = len(poller.outstanding)
-        result.update({
-            "visible": len(poller.latencies), "not_visible": not_visible, "polls": poller.polls,
-            "visible_p50_ms": _ms(percentile(poller.latencies, 0.5)),
-            "visible_p99_ms": _ms(percentile(poller.latencies, 0.99)),
-            "visible_max_ms": _ms(max(poller.latencies, default=None)),
-            "client_cpu_with_poller": _cpu(usage0, usage2, wall2 - wall0),
-        })
+        result.update(
+            {
+                "visible": len(poller.latencies),
+                "not_visible": not_visible,
+                "polls": poller.polls,
+                "visible_p50_ms": _ms(percentile(poller.latencies, 0.5)),
+                "visible_p99_ms": _ms(percentile(poller.latencies, 0.99)),
+                "visible_max_ms": _ms(max(poller.latencies, default=None)),
+                "client_cpu_with_poller": _cpu(usage0, usage2, wall2 - wall0),
+            }
+        )
     print(json.dumps(result))
 
 
@@ -313,7 +371,11 @@ def _ms(seconds: float | None) -> float | None:
 
 def _cpu(before: resource.struct_rusage, after: resource.struct_rusage, wall: float) -> dict[str, float]:
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"cpu_s": round(used, 2), "wall_s": round(wall, 2), "share_of_one_core": round(used / wall, 3) if wall else 0}
+    return {
+        "cpu_s": round(used, 2),
+        "wall_s": round(wall, 2),
+        "share_of_one_core": round(used / wall, 3) if wall else 0,
+    }
 
 
 if __name__ == "__main__":

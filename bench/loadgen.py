@@ -49,7 +49,9 @@ def ensure_wrk(log: Any) -> str:
     return found
 
 
-def run_measured(argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> tuple[str, str, int, float, float]:
+def run_measured(
+    argv: list[str], *, timeout: float, env: dict[str, str] | None = None
+) -> tuple[str, str, int, float, float]:
     """Run a client to completion: (stdout, stderr, exit code, its CPU seconds, wall seconds)."""
     before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
@@ -62,18 +64,25 @@ def wrk(url: str, args: list[str], *, connections: int, seconds: float) -> dict[
     """One wrk -t1 round; counts, rate of 2xx answers, latency percentiles (ms) and wrk's CPU share."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(LUA), url, "--", *args]
     stdout, stderr, code, cpu, wall = run_measured(argv, timeout=seconds + 120)
-    line = next((l for l in stdout.splitlines() if l.startswith("BENCHJSON ")), None)
+    line = next((out for out in stdout.splitlines() if out.startswith("BENCHJSON ")), None)
     if code != 0 or line is None:
         raise RuntimeError(f"wrk failed ({code}): {stderr.strip()[-1000:]} {stdout[-1000:]}")
     result = json.loads(line.removeprefix("BENCHJSON "))
     seconds_run = result["duration_us"] / 1e6
-    result.update({
-        "seconds": seconds_run, "rate": result["s2xx"] / seconds_run if seconds_run else 0.0,
-        "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000,
-        "socket_errors": result["connect_errors"] + result["read_errors"] + result["write_errors"] + result["timeouts"],
-        "non_2xx": result["s400"] + result["s4xx"] + result["s5xx"] + result["sother"],
-        "client_cpu_share": round(cpu / wall, 3) if wall else None,
-    })
+    result.update(
+        {
+            "seconds": seconds_run,
+            "rate": result["s2xx"] / seconds_run if seconds_run else 0.0,
+            "p50_ms": result["p50_us"] / 1000,
+            "p99_ms": result["p99_us"] / 1000,
+            "socket_errors": result["connect_errors"]
+            + result["read_errors"]
+            + result["write_errors"]
+            + result["timeouts"],
+            "non_2xx": result["s400"] + result["s4xx"] + result["s5xx"] + result["sother"],
+            "client_cpu_share": round(cpu / wall, 3) if wall else None,
+        }
+    )
     return result
 
 
@@ -81,8 +90,7 @@ def httpload(spec: dict[str, Any], workdir: Path, name: str, timeout: float) -> 
     """bench/httpload.py in its own process (its CPU use is its own report)."""
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(spec))
-    stdout, stderr, code, cpu, wall = run_measured([sys.executable, "-m", "bench.httpload", str(path)],
-                                                   timeout=timeout)
+    stdout, stderr, code, cpu, wall = run_measured([sys.executable, "-m", "bench.httpload", str(path)], timeout=timeout)
     if code != 0:
         raise RuntimeError(f"bench.httpload {name} failed ({code}): {stderr.strip()[-2000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -92,13 +100,18 @@ def httpload(spec: dict[str, Any], workdir: Path, name: str, timeout: float) -> 
 
 # --- baselines ------------------------------------------------------------------------------------
 
+
 def bare_inserts_postgres(url: str, seconds: float) -> dict[str, Any]:
     """Single-row INSERT transactions per second from one psycopg connection (a scratch table)."""
     with psycopg.connect(url.replace("+psycopg", "")) as connection:
-        connection.execute("CREATE TABLE IF NOT EXISTS bench_bare_inserts "
-                           "(id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL)")
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS bench_bare_inserts "
+            "(id BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL)"
+        )
         connection.commit()
-        return _insert_loop(connection, seconds, "INSERT INTO bench_bare_inserts (event_id, created_at) VALUES (%s, now())")
+        return _insert_loop(
+            connection, seconds, "INSERT INTO bench_bare_inserts (event_id, created_at) VALUES (%s, now())"
+        )
 
 
 def bare_inserts_sqlite(path: Path, seconds: float) -> dict[str, Any]:
@@ -106,8 +119,10 @@ def bare_inserts_sqlite(path: Path, seconds: float) -> dict[str, Any]:
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
-    connection.execute("CREATE TABLE IF NOT EXISTS bench_bare_inserts "
-                       "(id INTEGER PRIMARY KEY, event_id TEXT NOT NULL, created_at TEXT NOT NULL)")
+    connection.execute(
+        "CREATE TABLE IF NOT EXISTS bench_bare_inserts "
+        "(id INTEGER PRIMARY KEY, event_id TEXT NOT NULL, created_at TEXT NOT NULL)"
+    )
 
     class Wrapped:  # psycopg-like: execute + commit
         def execute(self, sql: str, params: tuple) -> None:
@@ -118,8 +133,9 @@ def bare_inserts_sqlite(path: Path, seconds: float) -> dict[str, Any]:
             connection.execute("COMMIT")
 
     try:
-        return _insert_loop(Wrapped(), seconds,
-                            "INSERT INTO bench_bare_inserts (event_id, created_at) VALUES (?, datetime('now'))")
+        return _insert_loop(
+            Wrapped(), seconds, "INSERT INTO bench_bare_inserts (event_id, created_at) VALUES (?, datetime('now'))"
+        )
     finally:
         connection.close()
 
@@ -143,15 +159,35 @@ def pgbench_updates(database: str, seconds: float, clients: int, workdir: Path) 
         connection.execute("INSERT INTO bench_counter VALUES (1, 0) ON CONFLICT DO NOTHING")
     script = workdir / "update_one_row.sql"
     script.write_text("UPDATE bench_counter SET v = v + 1 WHERE id = 1;\n")
-    argv = ["pgbench", "-n", "-c", str(clients), "-j", "2", "-T", str(int(seconds)), "-f", str(script),
-            "-h", "127.0.0.1", "-p", "5432", "-U", "postgres", database]
+    argv = [
+        "pgbench",
+        "-n",
+        "-c",
+        str(clients),
+        "-j",
+        "2",
+        "-T",
+        str(int(seconds)),
+        "-f",
+        str(script),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        "5432",
+        "-U",
+        "postgres",
+        database,
+    ]
     stdout, stderr, code, cpu, wall = run_measured(argv, timeout=seconds + 60)
     match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", stdout)
     if code != 0 or not match:
         raise RuntimeError(f"pgbench failed ({code}): {stderr.strip()[-1000:]}")
     latency = re.search(r"latency average = ([0-9.]+) ms", stdout)
-    return {"rate": float(match.group(1)), "latency_avg_ms": float(latency.group(1)) if latency else None,
-            "client_cpu_share": round(cpu / wall, 3) if wall else None}
+    return {
+        "rate": float(match.group(1)),
+        "latency_avg_ms": float(latency.group(1)) if latency else None,
+        "client_cpu_share": round(cpu / wall, 3) if wall else None,
+    }
 
 
 def sqlite_updates(path: Path, seconds: float, clients: int) -> dict[str, Any]:

@@ -76,25 +76,46 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import httpload, loadgen, profile, workload  # noqa: E402
-from bench.stack import Stack  # noqa: E402
+from bench import httpload, loadgen, profile, workload
+from bench.stack import Stack
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 FIGURES = ("P1", "P2", "P2b", "P3", "P4", "P5")
 
 DURATIONS = {
-    "full": dict(p1_bare=5, p1_webhook=8, inserts=5, p2_events=8000, p2b_default=3000, p3_wrk=6, p3_paced=6,
-                 p4=20, p5_pgbench=6, p5_wrk=6),
-    "quick": dict(p1_bare=3, p1_webhook=4, inserts=2, p2_events=2000, p2b_default=1200, p3_wrk=3, p3_paced=4,
-                  p4=6, p5_pgbench=3, p5_wrk=3),
+    "full": dict(
+        p1_bare=5,
+        p1_webhook=8,
+        inserts=5,
+        p2_events=8000,
+        p2b_default=3000,
+        p3_wrk=6,
+        p3_paced=6,
+        p4=20,
+        p5_pgbench=6,
+        p5_wrk=6,
+    ),
+    "quick": dict(
+        p1_bare=3,
+        p1_webhook=4,
+        inserts=2,
+        p2_events=2000,
+        p2b_default=1200,
+        p3_wrk=3,
+        p3_paced=4,
+        p4=6,
+        p5_pgbench=3,
+        p5_wrk=3,
+    ),
 }
 EMBEDDED_DURATIONS = dict(DURATIONS["quick"], p2_events=2000)
 USAGE_CUSTOMERS = 50
@@ -218,13 +239,24 @@ class Run:
                 break
         return value
 
-    def post_all(self, requests: list[tuple[str, str, dict[str, str], str | None]], connections: int = 8,
-                 ) -> list[tuple[int, int, bytes]]:
+    def post_all(
+        self,
+        requests: list[tuple[str, str, dict[str, str], str | None]],
+        connections: int = 8,
+    ) -> list[tuple[int, int, bytes]]:
         """Closed-loop requests from this process; (index, status, body) of each, every answer read."""
         host = f"127.0.0.1:{self.stack.web_port}"
         encoded = [httpload.http_request(method, path, host, headers, body) for method, path, headers, body in requests]
-        outcome = httpload.run(httpload.run_load("127.0.0.1", self.stack.web_port, encoded.__getitem__,
-                                                 count=len(encoded), connections=connections, keep_bodies=True))
+        outcome = httpload.run(
+            httpload.run_load(
+                "127.0.0.1",
+                self.stack.web_port,
+                encoded.__getitem__,
+                count=len(encoded),
+                connections=connections,
+                keep_bodies=True,
+            )
+        )
         if outcome.lost:
             raise RuntimeError(f"{outcome.lost} requests got no answer: {dict(outcome.errors)}")
         return sorted(outcome.bodies)
@@ -273,7 +305,9 @@ class Run:
         self.debit_large, self.debit_small = f"cus_dl_{rid}", f"cus_ds_{rid}"
         plans = [(c, workload.PRICE_USAGE) for c in self.big_customers] + [
             (self.usage_customers[0], workload.PRICE_USAGE_SMALL),
-            (self.debit_large, workload.PRICE_DEBIT_LARGE), (self.debit_small, workload.PRICE_DEBIT_SMALL)]
+            (self.debit_large, workload.PRICE_DEBIT_LARGE),
+            (self.debit_small, workload.PRICE_DEBIT_SMALL),
+        ]
         now = int(time.time())
         requests = []
         for customer, price in plans:
@@ -296,8 +330,9 @@ class Run:
         d, stack = self.d, self.stack
         self.worker(False)
         bare_list = workload.write_signed_lifecycles(stack.dir / "p1_bare.tsv", f"bare{self.run_id}", 3000)
-        bare1 = loadgen.wrk(f"{self.base}/bare", ["post-list", "/bare", str(bare_list.path)],
-                            connections=32, seconds=d["p1_bare"])
+        bare1 = loadgen.wrk(
+            f"{self.base}/bare", ["post-list", "/bare", str(bare_list.path)], connections=32, seconds=d["p1_bare"]
+        )
         log(f"  bare POST: {fmt_rate(bare1['rate'])} (wrk CPU {fmt_share(bare1['client_cpu_share'])} of a core)")
         # As many distinct events as even the bare rate could take, signed now (300 s tolerance).
         wanted = int(max(bare1["rate"], 500) * d["p1_webhook"] * 1.3)
@@ -305,31 +340,56 @@ class Run:
         prefix = f"p1{self.run_id}"
         events = workload.write_signed_lifecycles(stack.dir / "p1_events.tsv", prefix, wanted)
         log(f"  signed {events.count} distinct events in {time.monotonic() - started:.1f} s")
-        hook = loadgen.wrk(f"{self.base}/webhooks/stripe", ["post-list", "/webhooks/stripe", str(events.path)],
-                           connections=32, seconds=d["p1_webhook"])
-        log(f"  webhooks: {fmt_rate(hook['rate'])}, p50 {fmt_ms(hook['p50_ms'])}, p99 {fmt_ms(hook['p99_ms'])} "
-            f"(wrk CPU {fmt_share(hook['client_cpu_share'])})")
-        bare2 = loadgen.wrk(f"{self.base}/bare", ["post-list", "/bare", str(bare_list.path)],
-                            connections=32, seconds=d["p1_bare"])
+        hook = loadgen.wrk(
+            f"{self.base}/webhooks/stripe",
+            ["post-list", "/webhooks/stripe", str(events.path)],
+            connections=32,
+            seconds=d["p1_webhook"],
+        )
+        log(
+            f"  webhooks: {fmt_rate(hook['rate'])}, p50 {fmt_ms(hook['p50_ms'])}, p99 {fmt_ms(hook['p99_ms'])} "
+            f"(wrk CPU {fmt_share(hook['client_cpu_share'])})"
+        )
+        bare2 = loadgen.wrk(
+            f"{self.base}/bare", ["post-list", "/bare", str(bare_list.path)], connections=32, seconds=d["p1_bare"]
+        )
         bare_rate = (bare1["rate"] + bare2["rate"]) / 2
         log(f"  bare POST again: {fmt_rate(bare2['rate'])}")
         stored = self.settle("SELECT count(*) FROM inbox_events WHERE provider_event_id LIKE :p", p=f"evt_{prefix}_%")
         self.expected_inbox += stored
         self.p1_stored = stored
-        self.check("P1: every webhook answered 2xx", hook["non_2xx"] == 0 and hook["socket_errors"] == 0,
-                   f"non-2xx {hook['non_2xx']} (5xx {hook['s5xx']}), socket errors {hook['socket_errors']}")
-        self.check("P1: no event sent twice (the signed list was long enough)", hook["wraps"] == 0,
-                   f"list wrapped {hook['wraps']} times")
-        self.check("P1: each accepted delivery stored once", hook["s2xx"] <= stored <= hook["s2xx"] + 32,
-                   f"{stored} stored for {hook['s2xx']} 2xx answers (+ up to 32 in flight at the end)")
+        self.check(
+            "P1: every webhook answered 2xx",
+            hook["non_2xx"] == 0 and hook["socket_errors"] == 0,
+            f"non-2xx {hook['non_2xx']} (5xx {hook['s5xx']}), socket errors {hook['socket_errors']}",
+        )
+        self.check(
+            "P1: no event sent twice (the signed list was long enough)",
+            hook["wraps"] == 0,
+            f"list wrapped {hook['wraps']} times",
+        )
+        self.check(
+            "P1: each accepted delivery stored once",
+            hook["s2xx"] <= stored <= hook["s2xx"] + 32,
+            f"{stored} stored for {hook['s2xx']} 2xx answers (+ up to 32 in flight at the end)",
+        )
         ratio = hook["rate"] / bare_rate if bare_rate else None
         self.details["P1"] = {"webhook": hook, "bare": [bare1, bare2], "stored": stored, "mix": workload.MIX}
-        self.rows.append(Row(
-            "P1 webhooks accepted/s", fmt_rate(hook["rate"]), f"bare POST {fmt_rate(bare_rate)}", ratio,
-            fmt_ms(hook["p50_ms"]), fmt_ms(hook["p99_ms"]), "", ">= 0.4" if self.postgres else "",
-            (ratio is not None and ratio >= 0.4) if self.postgres else None,
-            [f"wrk -t1 -c32, wrk CPU {fmt_share(hook['client_cpu_share'])} of a core; "
-             f"{stored} events stored"], phase="P1"))
+        self.rows.append(
+            Row(
+                "P1 webhooks accepted/s",
+                fmt_rate(hook["rate"]),
+                f"bare POST {fmt_rate(bare_rate)}",
+                ratio,
+                fmt_ms(hook["p50_ms"]),
+                fmt_ms(hook["p99_ms"]),
+                "",
+                ">= 0.4" if self.postgres else "",
+                (ratio is not None and ratio >= 0.4) if self.postgres else None,
+                [f"wrk -t1 -c32, wrk CPU {fmt_share(hook['client_cpu_share'])} of a core; {stored} events stored"],
+                phase="P1",
+            )
+        )
 
     # --- P2b / P2 -------------------------------------------------------------------------------------
 
@@ -357,8 +417,14 @@ class Run:
             requests = []
             for line in lines.path.read_text().splitlines():
                 signature, body = line.split("\t", 1)
-                requests.append(("POST", "/webhooks/stripe",
-                                 {"Stripe-Signature": signature, "Content-Type": "application/json"}, body))
+                requests.append(
+                    (
+                        "POST",
+                        "/webhooks/stripe",
+                        {"Stripe-Signature": signature, "Content-Type": "application/json"},
+                        body,
+                    )
+                )
             started = time.monotonic()
             answers = self.post_all(requests, connections=32)
             self.check("P2b: every delivery answered 200", all(s == 200 for _, s, _ in answers))
@@ -379,41 +445,63 @@ class Run:
         self.worker(False)
         prefix = f"p2{self.run_id}"
         batches = workload.ingest_batches(prefix, self.usage_customers, self.d["p2_events"], P2_BATCH)
-        requests = [("POST", "/events/ingest", self.auth(True), json.dumps({"events": events}))
-                    for _, events in batches]
+        requests = [
+            ("POST", "/events/ingest", self.auth(True), json.dumps({"events": events})) for _, events in batches
+        ]
         started = time.monotonic()
         answers = self.post_all(requests, connections=8)
         stored_in = time.monotonic() - started
         ingested = sum(json.loads(body).get("ingested_count", 0) for _, status, body in answers if status == 200)
-        self.check("P2: every ingest batch answered 200 and counted whole",
-                   ingested == self.d["p2_events"], f"ingested_count total {ingested} of {self.d['p2_events']}")
+        self.check(
+            "P2: every ingest batch answered 200 and counted whole",
+            ingested == self.d["p2_events"],
+            f"ingested_count total {ingested} of {self.d['p2_events']}",
+        )
         for _, events in batches:
             for event in events:
                 self.expected_usage_units[event["event_id"]] = event["metadata"][workload.USAGE_KEY]
         log(f"  {ingested} usage events stored in {stored_in:.1f} s ({len(batches)} batches of {P2_BATCH})")
-        if self.postgres:
-            begun = self.worker(True)
-        else:
-            begun = started
+        begun = self.worker(True) if self.postgres else started
         done = self.wait_for("SELECT count(*) FROM usage_events WHERE status = 'pending'")
         self.check("P2: every usage event applied or refused", done is not None)
         rate = ingested / (done - begun) if done and begun and done > begun else None
-        statuses = dict(stack.sql("SELECT status, count(*) FROM usage_events WHERE event_id LIKE :p GROUP BY status",
-                                  p=f"{prefix}-%"))
-        self.check("P2: applied + refused = stored",
-                   statuses.get("applied", 0) + statuses.get("refused", 0) == ingested, str(statuses))
+        statuses = dict(
+            stack.sql(
+                "SELECT status, count(*) FROM usage_events WHERE event_id LIKE :p GROUP BY status", p=f"{prefix}-%"
+            )
+        )
+        self.check(
+            "P2: applied + refused = stored",
+            statuses.get("applied", 0) + statuses.get("refused", 0) == ingested,
+            str(statuses),
+        )
         self.check("P2: the capped customer's excess was refused", statuses.get("refused", 0) > 0, str(statuses))
         self.finish_drain_row("P2 usage events applied/s", rate, ingested, ">= 1.0", 1.0, statuses)
 
-    def finish_drain_row(self, figure: str, rate: float | None, total: int, floor: str, minimum: float,
-                         statuses: dict[str, int]) -> None:
+    def finish_drain_row(
+        self, figure: str, rate: float | None, total: int, floor: str, minimum: float, statuses: dict[str, int]
+    ) -> None:
         phase = figure.split()[0]
-        method = ("worker started after storing; timed from its ready line to nothing pending"
-                  if self.postgres else "applied in-process while being stored; timed from the first store")
+        method = (
+            "worker started after storing; timed from its ready line to nothing pending"
+            if self.postgres
+            else "applied in-process while being stored; timed from the first store"
+        )
         self.details[phase] = {"rate": rate, "events": total, "statuses": statuses, "method": method}
         log(f"  {phase}: {total} events, {fmt_rate(rate)} ({statuses})")
-        row = Row(figure, fmt_rate(rate), "", None, "", "", "", floor if self.postgres else "", None,
-                  [f"{total} events; {method}"], phase=phase)
+        row = Row(
+            figure,
+            fmt_rate(rate),
+            "",
+            None,
+            "",
+            "",
+            "",
+            floor if self.postgres else "",
+            None,
+            [f"{total} events; {method}"],
+            phase=phase,
+        )
         row.minimum, row.rate = minimum, rate  # type: ignore[attr-defined]
         self.rows.append(row)
 
@@ -436,49 +524,92 @@ class Run:
         targets = {
             "bare": ["/bare"],
             "usage": [f"/usage?customer_id={c}" for c in self.usage_customers],
-            "balance": [f"/credit-entitlements/{workload.USAGE_ENTITLEMENT}/balances/{c}" for c in self.usage_customers],
+            "balance": [
+                f"/credit-entitlements/{workload.USAGE_ENTITLEMENT}/balances/{c}" for c in self.usage_customers
+            ],
         }
         saturated, paced = {}, {}
         for name, paths in targets.items():
             path_file = stack.dir / f"p3_{name}.txt"
             path_file.write_text("\n".join(paths) + "\n")
-            saturated[name] = loadgen.wrk(f"{self.base}/", ["get-list", str(path_file), stack.token],
-                                          connections=32, seconds=d["p3_wrk"])
+            saturated[name] = loadgen.wrk(
+                f"{self.base}/", ["get-list", str(path_file), stack.token], connections=32, seconds=d["p3_wrk"]
+            )
             r = saturated[name]
-            log(f"  GET {name} at -c32: {fmt_rate(r['rate'])}, p99 {fmt_ms(r['p99_ms'])} "
-                f"(wrk CPU {fmt_share(r['client_cpu_share'])}, non-2xx {r['non_2xx']})")
+            log(
+                f"  GET {name} at -c32: {fmt_rate(r['rate'])}, p99 {fmt_ms(r['p99_ms'])} "
+                f"(wrk CPU {fmt_share(r['client_cpu_share'])}, non-2xx {r['non_2xx']})"
+            )
         for name, paths in targets.items():
             paced[name] = loadgen.httpload(
-                {"host": "127.0.0.1", "port": stack.web_port, "kind": "get", "paths": paths, "token": stack.token,
-                 "rate": P3_PACED_RATE, "duration": d["p3_paced"], "connections": 32, "grace": 1.0},
-                stack.dir, f"p3_paced_{name}", timeout=d["p3_paced"] + 90)
+                {
+                    "host": "127.0.0.1",
+                    "port": stack.web_port,
+                    "kind": "get",
+                    "paths": paths,
+                    "token": stack.token,
+                    "rate": P3_PACED_RATE,
+                    "duration": d["p3_paced"],
+                    "connections": 32,
+                    "grace": 1.0,
+                },
+                stack.dir,
+                f"p3_paced_{name}",
+                timeout=d["p3_paced"] + 90,
+            )
             r = paced[name]
-            log(f"  GET {name} paced {P3_PACED_RATE}/s: held {fmt_rate(r['rate'])}, p50 {fmt_ms(r['p50_ms'])}, "
+            log(
+                f"  GET {name} paced {P3_PACED_RATE}/s: held {fmt_rate(r['rate'])}, p50 {fmt_ms(r['p50_ms'])}, "
                 f"p99 {fmt_ms(r['p99_ms'])}, unsent {r['unsent']} "
-                f"(client CPU {fmt_share(r['client_cpu']['share_of_one_core'])})")
+                f"(client CPU {fmt_share(r['client_cpu']['share_of_one_core'])})"
+            )
         for name in targets:
-            bad = saturated[name]["non_2xx"] + saturated[name]["socket_errors"] + sum(
-                v for k, v in paced[name]["statuses"].items() if not k.startswith("2")) + paced[name]["lost"]
+            bad = (
+                saturated[name]["non_2xx"]
+                + saturated[name]["socket_errors"]
+                + sum(v for k, v in paced[name]["statuses"].items() if not k.startswith("2"))
+                + paced[name]["lost"]
+            )
             self.check(f"P3: every GET {name} answered 2xx", bad == 0, f"{bad} errors")
         self.details["P3"] = {"saturated": saturated, "paced": paced}
         bare, bare_paced = saturated["bare"], paced["bare"]
         for name, label in (("usage", "GET /usage"), ("balance", "GET …/balances/{customer}")):
             r, p = saturated[name], paced[name]
             ratio = r["rate"] / bare["rate"] if bare["rate"] else None
-            self.rows.append(Row(
-                f"P3 {label} req/s", fmt_rate(r["rate"]), f"bare GET {fmt_rate(bare['rate'])}", ratio,
-                fmt_ms(r["p50_ms"]), fmt_ms(r["p99_ms"]), "", ">= 0.25" if self.postgres else "",
-                (ratio is not None and ratio >= 0.25) if self.postgres else None,
-                [f"wrk -t1 -c32, wrk CPU {fmt_share(r['client_cpu_share'])}"], phase="P3"))
+            self.rows.append(
+                Row(
+                    f"P3 {label} req/s",
+                    fmt_rate(r["rate"]),
+                    f"bare GET {fmt_rate(bare['rate'])}",
+                    ratio,
+                    fmt_ms(r["p50_ms"]),
+                    fmt_ms(r["p99_ms"]),
+                    "",
+                    ">= 0.25" if self.postgres else "",
+                    (ratio is not None and ratio >= 0.25) if self.postgres else None,
+                    [f"wrk -t1 -c32, wrk CPU {fmt_share(r['client_cpu_share'])}"],
+                    phase="P3",
+                )
+            )
             delta = p["p99_ms"] - bare_paced["p99_ms"] if p["p99_ms"] is not None and bare_paced["p99_ms"] else None
             held = p["unsent"] == 0 and p["rate"] >= 0.97 * P3_PACED_RATE
-            self.rows.append(Row(
-                f"P3 {label} paced {P3_PACED_RATE}/s p99", f"{fmt_rate(p['rate'])} held" if held else
-                f"{fmt_rate(p['rate'])} NOT held", f"bare p99 {fmt_ms(bare_paced['p99_ms'])}", None,
-                fmt_ms(p["p50_ms"]), fmt_ms(p["p99_ms"]), "", "p99 <= bare + 3 ms" if self.postgres else "",
-                (held and delta is not None and delta <= 3.0) if self.postgres else None,
-                [f"p99 - bare p99 = {delta:+.1f} ms" if delta is not None else "no p99",
-                 f"32 connections, client CPU {fmt_share(p['client_cpu']['share_of_one_core'])} of a core"]))
+            self.rows.append(
+                Row(
+                    f"P3 {label} paced {P3_PACED_RATE}/s p99",
+                    f"{fmt_rate(p['rate'])} held" if held else f"{fmt_rate(p['rate'])} NOT held",
+                    f"bare p99 {fmt_ms(bare_paced['p99_ms'])}",
+                    None,
+                    fmt_ms(p["p50_ms"]),
+                    fmt_ms(p["p99_ms"]),
+                    "",
+                    "p99 <= bare + 3 ms" if self.postgres else "",
+                    (held and delta is not None and delta <= 3.0) if self.postgres else None,
+                    [
+                        f"p99 - bare p99 = {delta:+.1f} ms" if delta is not None else "no p99",
+                        f"32 connections, client CPU {fmt_share(p['client_cpu']['share_of_one_core'])} of a core",
+                    ],
+                )
+            )
 
     # --- P4 ----------------------------------------------------------------------------------------------
 
@@ -487,38 +618,73 @@ class Run:
         self.worker(True)
         prefix = f"p4{self.run_id}"
         r = loadgen.httpload(
-            {"host": "127.0.0.1", "port": stack.web_port, "kind": "ingest", "customers": self.big_customers,
-             "prefix": prefix, "event_name": workload.USAGE_EVENT, "key": workload.USAGE_KEY, "token": stack.token,
-             "rate": P4_RATE, "duration": d["p4"], "connections": P4_CONNECTIONS, "grace": 2.0,
-             "poll_database": stack.database_url, "visible_timeout": 90},
-            stack.dir, "p4", timeout=d["p4"] + 240)
+            {
+                "host": "127.0.0.1",
+                "port": stack.web_port,
+                "kind": "ingest",
+                "customers": self.big_customers,
+                "prefix": prefix,
+                "event_name": workload.USAGE_EVENT,
+                "key": workload.USAGE_KEY,
+                "token": stack.token,
+                "rate": P4_RATE,
+                "duration": d["p4"],
+                "connections": P4_CONNECTIONS,
+                "grace": 2.0,
+                "poll_database": stack.database_url,
+                "visible_timeout": 90,
+            },
+            stack.dir,
+            "p4",
+            timeout=d["p4"] + 240,
+        )
         ok = r["statuses"].get("200", 0)
         ingested_ok = r["ingested_bodies"].get('{"ingested_count":1}', 0)
         stored = stack.scalar("SELECT count(*) FROM usage_events WHERE event_id LIKE :p", p=f"{prefix}-%")
         for n in range(r["planned"]):
             self.expected_usage_units[f"{prefix}-{n}"] = 1
         self.p4_stored = stored
-        self.check("P4: every ingest answered 200 {ingested_count: 1}", ok == ingested_ok == r["answered"],
-                   f"statuses {r['statuses']}, lost {r['lost']}")
-        self.check("P4: every answered event stored once", ok <= stored <= ok + r["lost"],
-                   f"{stored} stored for {ok} answers")
-        self.check("P4: every answered event's deduction became visible", r["not_visible"] == 0,
-                   f"{r['not_visible']} still pending after the timeout")
+        self.check(
+            "P4: every ingest answered 200 {ingested_count: 1}",
+            ok == ingested_ok == r["answered"],
+            f"statuses {r['statuses']}, lost {r['lost']}",
+        )
+        self.check(
+            "P4: every answered event stored once", ok <= stored <= ok + r["lost"], f"{stored} stored for {ok} answers"
+        )
+        self.check(
+            "P4: every answered event's deduction became visible",
+            r["not_visible"] == 0,
+            f"{r['not_visible']} still pending after the timeout",
+        )
         held = r["unsent"] == 0 and r["rate"] >= 0.97 * P4_RATE
         p99 = r["visible_p99_ms"]
-        log(f"  ingests: {fmt_rate(r['rate'])} answered ({'held' if held else 'NOT held'}; unsent {r['unsent']}), "
+        log(
+            f"  ingests: {fmt_rate(r['rate'])} answered ({'held' if held else 'NOT held'}; unsent {r['unsent']}), "
             f"answer p99 {fmt_ms(r['p99_ms'])}; answer -> visible p50 {fmt_ms(r['visible_p50_ms'])}, "
             f"p99 {fmt_ms(p99)}, max {fmt_ms(r['visible_max_ms'])}; client CPU "
-            f"{fmt_share(r['client_cpu_with_poller']['share_of_one_core'])} with the poller")
+            f"{fmt_share(r['client_cpu_with_poller']['share_of_one_core'])} with the poller"
+        )
         self.details["P4"] = r
-        self.rows.append(Row(
-            "P4 ingest answer -> deduction visible", f"{fmt_rate(r['rate'])} {'held' if held else 'NOT held'}",
-            f"paced {P4_RATE}/s", None, fmt_ms(r["visible_p50_ms"]), fmt_ms(p99), "",
-            "500/s held, p99 < 100 ms" if self.postgres else "",
-            (held and p99 is not None and p99 < 100) if self.postgres else None,
-            [f"{P4_CONNECTIONS} connections, {d['p4']} s; ingest answer p50 {fmt_ms(r['p50_ms'])} p99 {fmt_ms(r['p99_ms'])}; "
-             f"client CPU {fmt_share(r['client_cpu_with_poller']['share_of_one_core'])} of a core incl. the 2 ms poller"],
-            phase="P4"))
+        self.rows.append(
+            Row(
+                "P4 ingest answer -> deduction visible",
+                f"{fmt_rate(r['rate'])} {'held' if held else 'NOT held'}",
+                f"paced {P4_RATE}/s",
+                None,
+                fmt_ms(r["visible_p50_ms"]),
+                fmt_ms(p99),
+                "",
+                "500/s held, p99 < 100 ms" if self.postgres else "",
+                (held and p99 is not None and p99 < 100) if self.postgres else None,
+                [
+                    f"{P4_CONNECTIONS} connections, {d['p4']} s; ingest answer p50 {fmt_ms(r['p50_ms'])} "
+                    f"p99 {fmt_ms(r['p99_ms'])}; client CPU "
+                    f"{fmt_share(r['client_cpu_with_poller']['share_of_one_core'])} of a core incl. the 2 ms poller"
+                ],
+                phase="P4",
+            )
+        )
 
     # --- P5 ----------------------------------------------------------------------------------------------
 
@@ -540,8 +706,9 @@ class Run:
             else:
                 base = {"rate": None, "error": f"only {free} of max_connections {limit} free"}
                 base_label = "pgbench: no 64 connections free"
-                self.check("P5: the pgbench baseline ran (64 free connections on the shared server)", False,
-                           base["error"])
+                self.check(
+                    "P5: the pgbench baseline ran (64 free connections on the shared server)", False, base["error"]
+                )
         else:
             base = loadgen.sqlite_updates(stack.dir / "bare.sqlite", d["p5_pgbench"], 64)
             base_label = f"sqlite UPDATE {fmt_rate(base['rate'])}"
@@ -550,87 +717,163 @@ class Run:
             free, limit = stack.free_connections()
             self.details["P5_connections_free_before_debits"] = free
             if free < 64 + 12:
-                log(f"  note: only {free} of {limit} connections free on the shared server; the web process "
-                    "may open up to 30 (pool 20 + overflow 10)")
+                log(
+                    f"  note: only {free} of {limit} connections free on the shared server; the web process "
+                    "may open up to 30 (pool 20 + overflow 10)"
+                )
         ce = workload.DEBIT_ENTITLEMENT
         prefix = f"p5t{self.run_id}"
-        r = loadgen.wrk(f"{self.base}/", ["debit", f"/credit-entitlements/{ce}/balances/{self.debit_large}/ledger-entries",
-                                         stack.token, prefix, "1"], connections=64, seconds=d["p5_wrk"])
-        log(f"  debits on one balance at -c64: {fmt_rate(r['rate'])}, p50 {fmt_ms(r['p50_ms'])}, "
-            f"p99 {fmt_ms(r['p99_ms'])} (wrk CPU {fmt_share(r['client_cpu_share'])}, non-2xx {r['non_2xx']})")
-        self.check("P5: every debit on the large balance answered 201", r["non_2xx"] == 0 and r["socket_errors"] == 0,
-                   f"400 {r['s400']}, other 4xx {r['s4xx']}, 5xx {r['s5xx']}, socket errors {r['socket_errors']}")
+        r = loadgen.wrk(
+            f"{self.base}/",
+            [
+                "debit",
+                f"/credit-entitlements/{ce}/balances/{self.debit_large}/ledger-entries",
+                stack.token,
+                prefix,
+                "1",
+            ],
+            connections=64,
+            seconds=d["p5_wrk"],
+        )
+        log(
+            f"  debits on one balance at -c64: {fmt_rate(r['rate'])}, p50 {fmt_ms(r['p50_ms'])}, "
+            f"p99 {fmt_ms(r['p99_ms'])} (wrk CPU {fmt_share(r['client_cpu_share'])}, non-2xx {r['non_2xx']})"
+        )
+        self.check(
+            "P5: every debit on the large balance answered 201",
+            r["non_2xx"] == 0 and r["socket_errors"] == 0,
+            f"400 {r['s400']}, other 4xx {r['s4xx']}, 5xx {r['s5xx']}, socket errors {r['socket_errors']}",
+        )
         self.settle("SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE :p", p=f"{prefix}-%")
         entries, large = stack.sql(  # one statement: one snapshot
             "SELECT (SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE :p), "
             "(SELECT balance FROM balances WHERE customer_id = :c AND entitlement_id = :e)",
-            p=f"{prefix}-%", c=self.debit_large, e=ce)[0]
-        self.check("P5: debits on the large balance: each answer one entry, the balance exact",
-                   r["s2xx"] <= entries <= r["s2xx"] + 64 and workload.LARGE - large == entries,
-                   f"{entries} entries for {r['s2xx']} answers (+ up to 64 in flight); balance {large}")
+            p=f"{prefix}-%",
+            c=self.debit_large,
+            e=ce,
+        )[0]
+        self.check(
+            "P5: debits on the large balance: each answer one entry, the balance exact",
+            r["s2xx"] <= entries <= r["s2xx"] + 64 and workload.LARGE - large == entries,
+            f"{entries} entries for {r['s2xx']} answers (+ up to 64 in flight); balance {large}",
+        )
 
         # Zero overshoot: 1000 debits of 3 on a 1000-credit balance, 64 at a time, every answer read.
         over_prefix = f"p5o{self.run_id}"
         o = loadgen.httpload(
-            {"host": "127.0.0.1", "port": stack.web_port, "kind": "debit", "amount": workload.DEBIT_AMOUNT_SMALL,
-             "path": f"/credit-entitlements/{ce}/balances/{self.debit_small}/ledger-entries", "prefix": over_prefix,
-             "token": stack.token, "count": P5_OVERSHOOT_REQUESTS, "connections": 64},
-            stack.dir, "p5_overshoot", timeout=300)
+            {
+                "host": "127.0.0.1",
+                "port": stack.web_port,
+                "kind": "debit",
+                "amount": workload.DEBIT_AMOUNT_SMALL,
+                "path": f"/credit-entitlements/{ce}/balances/{self.debit_small}/ledger-entries",
+                "prefix": over_prefix,
+                "token": stack.token,
+                "count": P5_OVERSHOOT_REQUESTS,
+                "connections": 64,
+            },
+            stack.dir,
+            "p5_overshoot",
+            timeout=300,
+        )
         accepted, refused = o["statuses"].get("201", 0), o["statuses"].get("400", 0)
         expected_accepted = workload.DEBIT_SMALL_INCLUDED // workload.DEBIT_AMOUNT_SMALL
-        small = stack.sql("SELECT balance, overage FROM balances WHERE customer_id = :c AND entitlement_id = :e",
-                          c=self.debit_small, e=ce)[0]
-        lowest = stack.scalar("SELECT min(l.balance_after) FROM ledger_entries l JOIN balances b ON b.id = l.balance_id "
-                              "WHERE b.customer_id = :c AND b.entitlement_id = :e", c=self.debit_small, e=ce)
-        small_entries = stack.scalar("SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE :p",
-                                     p=f"{over_prefix}-%")
-        overshoot_ok = (accepted == expected_accepted == small_entries and refused == P5_OVERSHOOT_REQUESTS - accepted
-                        and small[0] == workload.DEBIT_SMALL_INCLUDED - accepted * workload.DEBIT_AMOUNT_SMALL
-                        and small[1] == 0 and lowest >= 0 and o["lost"] == 0)
-        self.check("P5: zero overshoot (accepted x amount = consumed, never below zero)", overshoot_ok,
-                   f"{accepted} accepted (expected {expected_accepted}), {refused} refused, {small_entries} entries, "
-                   f"balance {small[0]} overage {small[1]}, lowest balance_after {lowest}, other {o['statuses']}")
-        log(f"  overshoot check: {accepted} x {workload.DEBIT_AMOUNT_SMALL} accepted, {refused} refused, "
-            f"balance {small[0]}, lowest {lowest}: {'exact' if overshoot_ok else 'WRONG'}")
+        small = stack.sql(
+            "SELECT balance, overage FROM balances WHERE customer_id = :c AND entitlement_id = :e",
+            c=self.debit_small,
+            e=ce,
+        )[0]
+        lowest = stack.scalar(
+            "SELECT min(l.balance_after) FROM ledger_entries l JOIN balances b ON b.id = l.balance_id "
+            "WHERE b.customer_id = :c AND b.entitlement_id = :e",
+            c=self.debit_small,
+            e=ce,
+        )
+        small_entries = stack.scalar(
+            "SELECT count(*) FROM ledger_entries WHERE idempotency_key LIKE :p", p=f"{over_prefix}-%"
+        )
+        overshoot_ok = (
+            accepted == expected_accepted == small_entries
+            and refused == P5_OVERSHOOT_REQUESTS - accepted
+            and small[0] == workload.DEBIT_SMALL_INCLUDED - accepted * workload.DEBIT_AMOUNT_SMALL
+            and small[1] == 0
+            and lowest >= 0
+            and o["lost"] == 0
+        )
+        self.check(
+            "P5: zero overshoot (accepted x amount = consumed, never below zero)",
+            overshoot_ok,
+            f"{accepted} accepted (expected {expected_accepted}), {refused} refused, {small_entries} entries, "
+            f"balance {small[0]} overage {small[1]}, lowest balance_after {lowest}, other {o['statuses']}",
+        )
+        log(
+            f"  overshoot check: {accepted} x {workload.DEBIT_AMOUNT_SMALL} accepted, {refused} refused, "
+            f"balance {small[0]}, lowest {lowest}: {'exact' if overshoot_ok else 'WRONG'}"
+        )
         ratio = r["rate"] / base["rate"] if base.get("rate") else None
         self.details["P5"] = {"debits": r, "baseline": base, "overshoot": o, "overshoot_ok": overshoot_ok}
-        self.rows.append(Row(
-            "P5 debits/s on one balance", fmt_rate(r["rate"]), base_label, ratio, fmt_ms(r["p50_ms"]),
-            fmt_ms(r["p99_ms"]), "", ">= 0.5, zero overshoot" if self.postgres else "",
-            (ratio is not None and ratio >= 0.5 and overshoot_ok) if self.postgres else None,
-            [f"wrk -t1 -c64, wrk CPU {fmt_share(r['client_cpu_share'])}; pgbench -c64 -j2 CPU "
-             f"{fmt_share(base.get('client_cpu_share'))}; overshoot {'none' if overshoot_ok else 'FOUND'} "
-             f"({accepted} of {P5_OVERSHOOT_REQUESTS} debits of {workload.DEBIT_AMOUNT_SMALL} accepted on "
-             f"{workload.DEBIT_SMALL_INCLUDED} credits)"] if self.postgres else
-            [f"overshoot {'none' if overshoot_ok else 'FOUND'}"], phase="P5"))
+        self.rows.append(
+            Row(
+                "P5 debits/s on one balance",
+                fmt_rate(r["rate"]),
+                base_label,
+                ratio,
+                fmt_ms(r["p50_ms"]),
+                fmt_ms(r["p99_ms"]),
+                "",
+                ">= 0.5, zero overshoot" if self.postgres else "",
+                (ratio is not None and ratio >= 0.5 and overshoot_ok) if self.postgres else None,
+                [
+                    f"wrk -t1 -c64, wrk CPU {fmt_share(r['client_cpu_share'])}; pgbench -c64 -j2 CPU "
+                    f"{fmt_share(base.get('client_cpu_share'))}; overshoot {'none' if overshoot_ok else 'FOUND'} "
+                    f"({accepted} of {P5_OVERSHOOT_REQUESTS} debits of {workload.DEBIT_AMOUNT_SMALL} accepted on "
+                    f"{workload.DEBIT_SMALL_INCLUDED} credits)"
+                ]
+                if self.postgres
+                else [f"overshoot {'none' if overshoot_ok else 'FOUND'}"],
+                phase="P5",
+            )
+        )
 
     # --- the end --------------------------------------------------------------------------------------
 
     def finish(self) -> None:
         stack = self.stack
         inbox = dict(stack.sql("SELECT status, count(*) FROM inbox_events GROUP BY status"))
-        self.check("end: every webhook stored once and processed or skipped",
-                   sum(inbox.values()) == self.expected_inbox and set(inbox) <= {"processed", "skipped"},
-                   f"{inbox}, expected {self.expected_inbox} rows")
+        self.check(
+            "end: every webhook stored once and processed or skipped",
+            sum(inbox.values()) == self.expected_inbox and set(inbox) <= {"processed", "skipped"},
+            f"{inbox}, expected {self.expected_inbox} rows",
+        )
         usage = dict(stack.sql("SELECT status, count(*) FROM usage_events GROUP BY status"))
         stored_usage = sum(usage.values())
         expected_stored = self.d["p2_events"] * ("P2" in self.selected) + getattr(self, "p4_stored", 0)
-        self.check("end: every usage event applied or refused, none pending",
-                   stored_usage == expected_stored and set(usage) <= {"applied", "refused"},
-                   f"{usage}, expected {expected_stored} events")
+        self.check(
+            "end: every usage event applied or refused, none pending",
+            stored_usage == expected_stored and set(usage) <= {"applied", "refused"},
+            f"{usage}, expected {expected_stored} events",
+        )
         if stored_usage:
             applied = [row[0] for row in stack.sql("SELECT event_id FROM usage_events WHERE status = 'applied'")]
             units = sum(self.expected_usage_units[event_id] for event_id in applied)
             deducted = -stack.scalar(
                 "SELECT coalesce(sum(l.amount), 0) FROM ledger_entries l JOIN balances b ON b.id = l.balance_id "
-                "WHERE b.entitlement_id = :e AND l.usage_event_id IS NOT NULL", e=workload.USAGE_ENTITLEMENT)
-            with_entries = stack.scalar("SELECT count(DISTINCT usage_event_id) FROM ledger_entries "
-                                        "WHERE usage_event_id IS NOT NULL")
-            self.check("end: credits deducted = units of the applied usage events, one entry each",
-                       deducted == units and with_entries == len(applied),
-                       f"deducted {deducted}, units {units}; {with_entries} events with entries of {len(applied)} applied")
-            capped = stack.scalar("SELECT balance FROM balances WHERE customer_id = :c AND entitlement_id = :e",
-                                  c=self.usage_customers[0], e=workload.USAGE_ENTITLEMENT)
+                "WHERE b.entitlement_id = :e AND l.usage_event_id IS NOT NULL",
+                e=workload.USAGE_ENTITLEMENT,
+            )
+            with_entries = stack.scalar(
+                "SELECT count(DISTINCT usage_event_id) FROM ledger_entries WHERE usage_event_id IS NOT NULL"
+            )
+            self.check(
+                "end: credits deducted = units of the applied usage events, one entry each",
+                deducted == units and with_entries == len(applied),
+                f"deducted {deducted}, units {units}; {with_entries} events with entries of {len(applied)} applied",
+            )
+            capped = stack.scalar(
+                "SELECT balance FROM balances WHERE customer_id = :c AND entitlement_id = :e",
+                c=self.usage_customers[0],
+                e=workload.USAGE_ENTITLEMENT,
+            )
             self.check("end: the capped customer's balance never went below zero", capped >= 0, f"balance {capped}")
         verify = stack.tally("verify", check=False)
         code = stack.last_tally.returncode
@@ -644,15 +887,26 @@ class Run:
                     continue
                 peaks[role] = max(peaks[role], s["rss_max_mb"])
                 if phase != "setup" and s["rss_end_mb"] - s["rss_mid_mb"] > RSS_FLAT_MB:
-                    problems.append(f"{role} grew {s['rss_mid_mb']:.0f} -> {s['rss_end_mb']:.0f} MB over the "
-                                    f"second half of {phase}")
+                    problems.append(
+                        f"{role} grew {s['rss_mid_mb']:.0f} -> {s['rss_end_mb']:.0f} MB over the second half of {phase}"
+                    )
         over = [f"{role} {peak:.0f} MB" for role, peak in peaks.items() if peak >= RSS_LIMIT_MB]
         flat = "; ".join(problems) or "flat in every phase"
-        self.rows.append(Row(
-            "Memory (VmRSS, max over the run)", f"web {peaks['web']:.0f} MB" + (
-                f", worker {peaks['worker']:.0f} MB" if self.postgres else " (workers inside)"),
-            "", None, "", "", "", f"< {RSS_LIMIT_MB} MB each, flat" if self.postgres else "",
-            (not over and not problems) if self.postgres else None, [flat + (f"; over: {', '.join(over)}" if over else "")]))
+        self.rows.append(
+            Row(
+                "Memory (VmRSS, max over the run)",
+                f"web {peaks['web']:.0f} MB"
+                + (f", worker {peaks['worker']:.0f} MB" if self.postgres else " (workers inside)"),
+                "",
+                None,
+                "",
+                "",
+                "",
+                f"< {RSS_LIMIT_MB} MB each, flat" if self.postgres else "",
+                (not over and not problems) if self.postgres else None,
+                [flat + (f"; over: {', '.join(over)}" if over else "")],
+            )
+        )
         self.details["memory"] = self.memory
 
     def rss_text(self, phase: str) -> str:
@@ -676,28 +930,52 @@ def _fill_rss(run: Run) -> None:
     for row in run.rows:
         if row.phase in run.memory:
             row.rss = run.rss_text(row.phase)
-            shares = [f"{role} {fmt_share(run.cpu(row.phase, role))}" for role in ("web", "worker", "postgres", "redis")
-                      if run.cpu(row.phase, role) is not None]
+            shares = [
+                f"{role} {fmt_share(run.cpu(row.phase, role))}"
+                for role in ("web", "worker", "postgres", "redis")
+                if run.cpu(row.phase, role) is not None
+            ]
             if shares:
                 row.notes.append(f"CPU during {row.phase} (share of one core): " + ", ".join(shares))
 
 
 def print_table(title: str, rows: list[Row], informational: bool) -> None:
-    headers = ["figure", "Tally", "baseline", "ratio", "p50", "p99",
-               "RSS MB web / worker (start>max>end)", "floor", "result"]
+    headers = [
+        "figure",
+        "Tally",
+        "baseline",
+        "ratio",
+        "p50",
+        "p99",
+        "RSS MB web / worker (start>max>end)",
+        "floor",
+        "result",
+    ]
     table = []
     for row in rows:
         result = "info" if row.passed is None else ("PASS" if row.passed else "FAIL")
-        table.append([row.figure, row.tally, row.baseline, "" if row.ratio is None else f"{row.ratio:.3f}",
-                      row.p50, row.p99, row.rss, "-" if informational else row.floor, result])
-    widths = [max(len(headers[i]), *(len(r[i]) for r in table)) if table else len(headers[i]) for i in range(len(headers))]
+        table.append(
+            [
+                row.figure,
+                row.tally,
+                row.baseline,
+                "" if row.ratio is None else f"{row.ratio:.3f}",
+                row.p50,
+                row.p99,
+                row.rss,
+                "-" if informational else row.floor,
+                result,
+            ]
+        )
+    widths = [
+        max(len(headers[i]), *(len(r[i]) for r in table)) if table else len(headers[i]) for i in range(len(headers))
+    ]
     print()
     print(title)
-    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths))
-    print(line)
+    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     print("-+-".join("-" * w for w in widths))
-    for r, row in zip(table, rows):
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    for cells in table:
+        print(" | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
     print()
     for row in rows:
         for note in row.notes:
@@ -705,16 +983,20 @@ def print_table(title: str, rows: list[Row], informational: bool) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", help="comma-separated figures among " + ",".join(FIGURES))
     parser.add_argument("--quick", action="store_true", help="shorter rounds and fewer events, for iteration")
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded default (SQLite) run")
     parser.add_argument("--embedded-only", action="store_true", help="only the embedded default run")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a floor fails too")
     parser.add_argument("--keep", action="store_true", help="keep the scratch database and files (to inspect)")
-    parser.add_argument("--profile", action="store_true",
-                        help="py-spy the web and worker processes in every figure's phase (bench/results/profiles/)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the web and worker processes in every figure's phase (bench/results/profiles/)",
+    )
     args = parser.parse_args()
     selected = set(FIGURES)
     if args.only:
@@ -761,13 +1043,19 @@ def main() -> int:
         _fill_rss(run)
 
     for run in runs:
-        title = ("PostgreSQL + Redis, one web process (uvicorn), one `tally worker --processes 1 --threads 8`, "
-                 "load from wrk -t1" if run.postgres else
-                 "Embedded default (SQLite + in-process broker; workers inside the web process): information only, no floor")
+        title = (
+            "PostgreSQL + Redis, one web process (uvicorn), one `tally worker --processes 1 --threads 8`, "
+            "load from wrk -t1"
+            if run.postgres
+            else "Embedded default (SQLite + in-process broker; workers inside the web process): "
+            "information only, no floor"
+        )
         print_table(title, run.rows, informational=not run.postgres)
         failed = [c for c in run.checks if not c.ok]
-        print(f"  counts and `tally verify` ({run.kind}): "
-              + ("all exact, verify clean" if not failed else f"{len(failed)} FAILED"))
+        print(
+            f"  counts and `tally verify` ({run.kind}): "
+            + ("all exact, verify clean" if not failed else f"{len(failed)} FAILED")
+        )
         for c in failed:
             print(f"    FAIL {c.name}: {c.detail}")
 
@@ -779,10 +1067,19 @@ def main() -> int:
                     print(f"  {line}")
 
     document = {
-        "started_at": datetime.now(timezone.utc).isoformat(), "seconds": round(time.monotonic() - started, 1),
-        "selected": sorted(selected), "quick": args.quick, "harness_errors": harness_errors,
-        "runs": {run.kind: {"rows": [asdict(r) for r in run.rows], "checks": [asdict(c) for c in run.checks],
-                            "details": run.details} for run in runs},
+        "started_at": datetime.now(UTC).isoformat(),
+        "seconds": round(time.monotonic() - started, 1),
+        "selected": sorted(selected),
+        "quick": args.quick,
+        "harness_errors": harness_errors,
+        "runs": {
+            run.kind: {
+                "rows": [asdict(r) for r in run.rows],
+                "checks": [asdict(c) for c in run.checks],
+                "details": run.details,
+            }
+            for run in runs
+        },
     }
     for path in (RESULTS / f"bench-{stamp}.json", RESULTS / "latest.json"):
         path.write_text(json.dumps(document, indent=2, default=str))

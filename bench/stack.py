@@ -8,6 +8,7 @@ and of the worker's process tree (`tally worker` execs dramatiq, which forks its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -56,6 +57,7 @@ def wait_for_port(port: int, seconds: float, process: subprocess.Popen | None = 
 
 # --- /proc ------------------------------------------------------------------------------------------
 
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -65,7 +67,7 @@ def _children() -> dict[int, list[int]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         tree.setdefault(ppid, []).append(int(entry))
     return tree
 
@@ -97,7 +99,7 @@ def cpu_seconds(pid: int) -> float:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return sum(int(value) for value in fields[11:15]) / CLK_TCK
 
 
@@ -116,10 +118,13 @@ class Series:
         mid = next(s[1] for s in self.samples if s[0] >= half)
         wall = last[0] - first[0]
         return {
-            "rss_start_mb": round(largest[0], 1), "rss_max_mb": round(max(largest), 1),
-            "rss_mid_mb": round(mid, 1), "rss_end_mb": round(largest[-1], 1),
+            "rss_start_mb": round(largest[0], 1),
+            "rss_max_mb": round(max(largest), 1),
+            "rss_mid_mb": round(mid, 1),
+            "rss_end_mb": round(largest[-1], 1),
             "tree_rss_max_mb": round(max(s[2] for s in self.samples), 1),
-            "samples": len(self.samples), "seconds": round(wall, 1),
+            "samples": len(self.samples),
+            "seconds": round(wall, 1),
             "cpu_share": round((last[3] - first[3]) / wall, 3) if wall > 0 else None,
         }
 
@@ -192,6 +197,7 @@ class Sampler(threading.Thread):
 
 # --- the stack --------------------------------------------------------------------------------------
 
+
 class Stack:
     """One configuration under test: PostgreSQL + private Redis, or the embedded default (SQLite)."""
 
@@ -216,10 +222,19 @@ class Stack:
     # the stack's parts -----------------------------------------------------------------------------
 
     def prepare(self, catalogue: Path, secret: str) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("TALLY_", "STRIPE_", "DODO_")) and k not in ("DATABASE_URL", "REDIS_URL", "BROKER_URL")}
-        env.update({"TALLY_PLANS": str(catalogue), "STRIPE_WEBHOOK_SECRET": secret,
-                    "PATH": f"{BIN}:{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1"})
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("TALLY_", "STRIPE_", "DODO_")) and k not in ("DATABASE_URL", "REDIS_URL", "BROKER_URL")
+        }
+        env.update(
+            {
+                "TALLY_PLANS": str(catalogue),
+                "STRIPE_WEBHOOK_SECRET": secret,
+                "PATH": f"{BIN}:{env.get('PATH', '')}",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if self.kind == "postgres":
             self.database_name = f"tally_bench_{uuid.uuid4().hex[:10]}"
             admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", poolclass=NullPool)
@@ -228,8 +243,22 @@ class Stack:
             admin.dispose()
             env["DATABASE_URL"] = PG_ADMIN.rsplit("/", 1)[0] + f"/{self.database_name}"
             self.redis_port = free_port()
-            self._start("redis", ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                                  "--save", "", "--appendonly", "no", "--dir", str(self.dir)])
+            self._start(
+                "redis",
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.dir),
+                ],
+            )
             wait_for_port(self.redis_port, 10, self.processes["redis"])
             env["REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
         else:
@@ -239,7 +268,7 @@ class Stack:
             with self.engine.connect() as connection:  # the postmaster is the parent of this backend
                 backend = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
                 stat = Path(f"/proc/{backend}/stat").read_text()
-            self.sampler.register("postgres", int(stat[stat.rindex(")") + 2:].split()[1]))
+            self.sampler.register("postgres", int(stat[stat.rindex(")") + 2 :].split()[1]))
             self.sampler.register("redis", self.processes["redis"].pid)
         self.tally("migrate")
         self.token = self.tally("keys", "create", "--service", "--label", "bench").strip().splitlines()[-1]
@@ -271,15 +300,17 @@ class Stack:
         """(connections free for clients like us, max_connections) on the shared PostgreSQL server."""
         limit, reserved, used = self.sql(
             "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int, "
-            "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')")[0]
+            "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+        )[0]
         return limit - reserved - used, limit
 
     def scalar(self, statement: str, **params: Any) -> Any:
         return self.sql(statement, **params)[0][0]
 
     def tally(self, *args: str, check: bool = True) -> str:
-        done = subprocess.run([str(BIN / "tally"), *args], env=self.env, cwd=self.dir, capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run(
+            [str(BIN / "tally"), *args], env=self.env, cwd=self.dir, capture_output=True, text=True, timeout=600
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"tally {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
         self.last_tally = done
@@ -287,15 +318,37 @@ class Stack:
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         logfile = (self.dir / f"{name}.log").open("ab")
-        process = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=ROOT,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.processes[name] = process
         return process
 
     def start_web(self) -> None:
-        process = self._start("web", [str(BIN / "python"), "-m", "uvicorn", "bench.server:create_app", "--factory",
-                                      "--host", "127.0.0.1", "--port", str(self.web_port), "--log-level", "warning",
-                                      "--no-access-log"], self.env)
+        process = self._start(
+            "web",
+            [
+                str(BIN / "python"),
+                "-m",
+                "uvicorn",
+                "bench.server:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.web_port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            self.env,
+        )
         wait_for_port(self.web_port, 60, process)
         deadline = time.monotonic() + 30
         while True:
@@ -314,8 +367,7 @@ class Stack:
         assert self.kind == "postgres", "the embedded default runs its workers inside the web process"
         log = self.dir / "worker.log"
         offset = log.stat().st_size if log.exists() else 0
-        process = self._start("worker", [str(BIN / "tally"), "worker", "--processes", "1", "--threads", "8"],
-                              self.env)
+        process = self._start("worker", [str(BIN / "tally"), "worker", "--processes", "1", "--threads", "8"], self.env)
         self.sampler.register("worker", process.pid)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -336,10 +388,26 @@ class Stack:
         """py-spy on a process (and its children) until `stop_profiles` or the process ends."""
         assert self.profile_dir is not None and self.profile_phase is not None
         out = self.profile_dir / f"{self.kind}-{self.profile_phase.replace(' ', '_')}-{role}-{len(self.profiles)}.txt"
-        spy = subprocess.Popen([str(BIN / "py-spy"), "record", "-f", "raw", "--nolineno", "--subprocesses",
-                                "--nonblocking", "-r", "100", "-p", str(pid), "-o", str(out)],
-                               stdout=subprocess.DEVNULL, stderr=(self.dir / "py-spy.log").open("ab"),
-                               start_new_session=True)
+        spy = subprocess.Popen(
+            [
+                str(BIN / "py-spy"),
+                "record",
+                "-f",
+                "raw",
+                "--nolineno",
+                "--subprocesses",
+                "--nonblocking",
+                "-r",
+                "100",
+                "-p",
+                str(pid),
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.dir / "py-spy.log").open("ab"),
+            start_new_session=True,
+        )
         self.profilers.append((spy, out))
         self.profiles.append(out)
 
@@ -373,14 +441,10 @@ class Stack:
             self.sampler.register(name, None)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever the process left in its own group (dramatiq's forked worker)
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # what it left in its group (dramatiq's fork)
             os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         if process.poll() is None:
             process.wait(5)
 

@@ -107,6 +107,7 @@ def write_catalogue(directory: Path) -> Path:
 
 # --- Stripe --------------------------------------------------------------------------------------
 
+
 def sign(body: str, timestamp: int, secret: str = STRIPE_SECRET) -> str:
     """`Stripe-Signature` as Stripe computes it: HMAC-SHA256 over "{t}.{body}" keyed by the secret."""
     mac = hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256).hexdigest()
@@ -117,44 +118,85 @@ def _event(event_id: str, event_type: str, obj: dict, created: int, previous: di
     data: dict = {"object": obj}
     if previous is not None:
         data["previous_attributes"] = previous
-    return {"id": event_id, "object": "event", "api_version": "2025-03-31.basil", "type": event_type,
-            "created": created, "livemode": False, "pending_webhooks": 1, "data": data}
+    return {
+        "id": event_id,
+        "object": "event",
+        "api_version": "2025-03-31.basil",
+        "type": event_type,
+        "created": created,
+        "livemode": False,
+        "pending_webhooks": 1,
+        "data": data,
+    }
 
 
-def subscription(sub_id: str, customer: str, price: str, start: int, end: int, *,
-                 cancel_at_period_end: bool = False) -> dict:
+def subscription(
+    sub_id: str, customer: str, price: str, start: int, end: int, *, cancel_at_period_end: bool = False
+) -> dict:
     """A subscription as API 2025-03-31 renders it (the period on the item)."""
-    item = {"id": f"si_{sub_id}", "object": "subscription_item", "quantity": 1,
-            "current_period_start": start, "current_period_end": end,
-            "price": {"id": price, "object": "price", "product": f"prod_{price}", "lookup_key": None,
-                      "metadata": {}}}
-    return {"id": sub_id, "object": "subscription", "customer": customer, "status": "active",
-            "cancel_at_period_end": cancel_at_period_end, "canceled_at": None, "ended_at": None,
-            "items": {"object": "list", "data": [item]}}
+    item = {
+        "id": f"si_{sub_id}",
+        "object": "subscription_item",
+        "quantity": 1,
+        "current_period_start": start,
+        "current_period_end": end,
+        "price": {"id": price, "object": "price", "product": f"prod_{price}", "lookup_key": None, "metadata": {}},
+    }
+    return {
+        "id": sub_id,
+        "object": "subscription",
+        "customer": customer,
+        "status": "active",
+        "cancel_at_period_end": cancel_at_period_end,
+        "canceled_at": None,
+        "ended_at": None,
+        "items": {"object": "list", "data": [item]},
+    }
 
 
 def invoice_paid(event_id: str, sub_id: str, customer: str, price: str, start: int, end: int, created: int) -> dict:
-    line = {"id": f"il_{event_id}", "object": "line_item", "period": {"start": start, "end": end},
-            "parent": {"type": "subscription_item_details",
-                       "subscription_item_details": {"subscription": sub_id, "proration": False}},
-            "pricing": {"type": "price_details", "price_details": {"price": price, "product": f"prod_{price}"}}}
-    invoice = {"id": f"in_{event_id}", "object": "invoice", "customer": customer, "status": "paid",
-               "billing_reason": "subscription_cycle",
-               "parent": {"type": "subscription_details", "subscription_details": {"subscription": sub_id}},
-               "lines": {"object": "list", "data": [line]}}
+    line = {
+        "id": f"il_{event_id}",
+        "object": "line_item",
+        "period": {"start": start, "end": end},
+        "parent": {
+            "type": "subscription_item_details",
+            "subscription_item_details": {"subscription": sub_id, "proration": False},
+        },
+        "pricing": {"type": "price_details", "price_details": {"price": price, "product": f"prod_{price}"}},
+    }
+    invoice = {
+        "id": f"in_{event_id}",
+        "object": "invoice",
+        "customer": customer,
+        "status": "paid",
+        "billing_reason": "subscription_cycle",
+        "parent": {"type": "subscription_details", "subscription_details": {"subscription": sub_id}},
+        "lines": {"object": "list", "data": [line]},
+    }
     return _event(event_id, "invoice.paid", invoice, created)
 
 
 def subscription_created(prefix: str, customer: str, price: str, now: int) -> dict:
     """The webhook that makes a customer and grants its first period, as an operator's would."""
     sub_id = f"sub_{customer}"
-    return _event(f"evt_{prefix}_{customer}", "customer.subscription.created",
-                  subscription(sub_id, customer, price, now - DAY, now + 29 * DAY), now - 60)
+    return _event(
+        f"evt_{prefix}_{customer}",
+        "customer.subscription.created",
+        subscription(sub_id, customer, price, now - DAY, now + 29 * DAY),
+        now - 60,
+    )
 
 
 EVENTS_PER_SUBSCRIPTION = 6
-MIX = ("customer.subscription.created", "invoice.paid (same period)", "customer.subscription.updated (cancel)",
-       "customer.subscription.updated (uncancel)", "invoice.paid (renewal)", "customer.subscription.updated (renewal)")
+MIX = (
+    "customer.subscription.created",
+    "invoice.paid (same period)",
+    "customer.subscription.updated (cancel)",
+    "customer.subscription.updated (uncancel)",
+    "invoice.paid (renewal)",
+    "customer.subscription.updated (renewal)",
+)
 
 
 def subscription_lifecycle(prefix: str, n: int, now: int) -> list[dict]:
@@ -175,13 +217,28 @@ def subscription_lifecycle(prefix: str, n: int, now: int) -> list[dict]:
     return [
         _event(f"evt_{prefix}_{n}_0", "customer.subscription.created", sub(p1, p2), t),
         invoice_paid(f"evt_{prefix}_{n}_1", sub_id, customer, PRICE_STRIPE, p1, p2, t + 1),
-        _event(f"evt_{prefix}_{n}_2", "customer.subscription.updated", sub(p1, p2, True), t + 2,
-               {"cancel_at_period_end": False}),
-        _event(f"evt_{prefix}_{n}_3", "customer.subscription.updated", sub(p1, p2, False), t + 3,
-               {"cancel_at_period_end": True}),
+        _event(
+            f"evt_{prefix}_{n}_2",
+            "customer.subscription.updated",
+            sub(p1, p2, True),
+            t + 2,
+            {"cancel_at_period_end": False},
+        ),
+        _event(
+            f"evt_{prefix}_{n}_3",
+            "customer.subscription.updated",
+            sub(p1, p2, False),
+            t + 3,
+            {"cancel_at_period_end": True},
+        ),
         invoice_paid(f"evt_{prefix}_{n}_4", sub_id, customer, PRICE_STRIPE, p2, p3, t + 4),
-        _event(f"evt_{prefix}_{n}_5", "customer.subscription.updated", sub(p2, p3), t + 5,
-               {"items": {"data": [{"current_period_start": p1, "current_period_end": p2}]}}),
+        _event(
+            f"evt_{prefix}_{n}_5",
+            "customer.subscription.updated",
+            sub(p2, p3),
+            t + 5,
+            {"items": {"data": [{"current_period_start": p1, "current_period_end": p2}]}},
+        ),
     ]
 
 
@@ -215,6 +272,7 @@ def signed_request(payload: dict, now: int | None = None) -> tuple[str, dict[str
 
 # --- usage events ----------------------------------------------------------------------------------
 
+
 def usage_value(n: int) -> int:
     """The metered value of the n-th P2 event: 1..5 units (= credits)."""
     return n % 5 + 1
@@ -228,9 +286,18 @@ def ingest_batches(prefix: str, customers: list[str], events: int, batch: int) -
     batches = []
     for b, start in enumerate(range(0, events, batch)):
         customer = customers[b % len(customers)]
-        batches.append((customer, [
-            {"event_id": f"{prefix}-{n}", "customer_id": customer, "event_name": USAGE_EVENT,
-             "metadata": {USAGE_KEY: usage_value(n)}}
-            for n in range(start, min(start + batch, events))
-        ]))
+        batches.append(
+            (
+                customer,
+                [
+                    {
+                        "event_id": f"{prefix}-{n}",
+                        "customer_id": customer,
+                        "event_name": USAGE_EVENT,
+                        "metadata": {USAGE_KEY: usage_value(n)},
+                    }
+                    for n in range(start, min(start + batch, events))
+                ],
+            )
+        )
     return batches
