@@ -16,7 +16,8 @@ What runs (the production shape first, as an operator would run it on this 2-cor
   operator's would be: one signed Stripe `customer.subscription.created` webhook per customer whose
   price is in the catalogue. No `tally clock` runs (nothing here waits for the sweeper).
 - then the same figures on the embedded default (SQLite file, in-process broker and workers inside
-  the web process), as information with no floor, with --quick's sizes. There the workers cannot
+  the web process), as information with no floor, with --quick's sizes (shorter still for P1, P3's
+  paced rounds and P4). There the workers cannot
   be stopped, so P2/P2b are timed from the first store to the last event applied (a fixed set of
   webhooks for P2b), and the baselines are SQLite's: single-row INSERT transactions and 64 threads
   updating one row, with Tally's pragmas (WAL, synchronous=NORMAL).
@@ -64,6 +65,10 @@ clean. The bench exits 1 when any of that fails (floors only print FAIL; `--stri
 the exit code too). Results are also written as JSON to bench/results/latest.json and a dated copy
 (git-ignored); `--profile` adds py-spy stacks of each phase there and a summary (bench/profile.py).
 
+Durations (full run; --quick in DURATIONS below): P1 bare 5 s, webhooks 6 s, bare 5 s; bare INSERT
+rounds 5 s; P3 wrk rounds 6 s and paced rounds 6 s; P4 20 s; pgbench and P5's wrk 6 s. The whole
+`make bench` takes 5-7 minutes on this machine, most of it spent waiting for today's slow drains.
+
 The ratio within one run is what counts: this machine is shared and absolute figures move 2x.
 """
 
@@ -94,7 +99,9 @@ FIGURES = ("P1", "P2", "P2b", "P3", "P4", "P5")
 DURATIONS = {
     "full": dict(
         p1_bare=5,
-        p1_webhook=8,
+        # Every event P1 stores is drained by P2b: at the floors (P1 4x faster than P2b) a 6 s round
+        # costs ~25 s of drain, today's code ~70 s.
+        p1_webhook=6,
         inserts=5,
         p2_events=8000,
         p2b_default=3000,
@@ -117,7 +124,7 @@ DURATIONS = {
         p5_wrk=3,
     ),
 }
-EMBEDDED_DURATIONS = dict(DURATIONS["quick"], p2_events=2000)
+EMBEDDED_DURATIONS = dict(DURATIONS["quick"], p1_webhook=3, p3_paced=3, p4=5)  # information only: kept short
 USAGE_CUSTOMERS = 50
 P2_BATCH = 80
 P3_PACED_RATE = 1000
