@@ -64,7 +64,9 @@ def stored_state(row: Subscription) -> SnapshotState:
 
 
 def ensure_customer(session: Session, customer_id: str, provider: str) -> None:
-    insert_ignoring_conflicts(session, Customer, {"id": customer_id, "provider": provider})
+    """The customer row exists (a read first: within a batch the identity map answers without SQL)."""
+    if session.get(Customer, customer_id) is None:
+        insert_ignoring_conflicts(session, Customer, {"id": customer_id, "provider": provider})
 
 
 def apply_customer_snapshot(
@@ -101,25 +103,20 @@ def apply_customer_snapshot(
 def apply_subscription_snapshot(session: Session, snapshot: SubscriptionSnapshot, watermark: Watermark) -> bool:
     """Store the snapshot if it is newer than what we have; True when it was applied."""
     ensure_customer(session, snapshot.customer_id, snapshot.provider)
-    inserted = insert_ignoring_conflicts(
-        session,
-        Subscription,
-        {
-            "id": snapshot.id,
-            "provider": snapshot.provider,
-            "customer_id": snapshot.customer_id,
-            "status": snapshot.status,
-        },
-    )
-    row = session.execute(
+    locking = (
         select(Subscription)
         .where(Subscription.id == snapshot.id)
         .with_for_update()
         .execution_options(populate_existing=True)
-    ).scalar_one()
+    )
+    row = session.execute(locking).scalar_one_or_none()
+    if row is None:  # a new subscription: the unique key absorbs a concurrent first sight
+        values = {"id": snapshot.id, "provider": snapshot.provider, "customer_id": snapshot.customer_id}
+        insert_ignoring_conflicts(session, Subscription, {**values, "status": snapshot.status})
+        row = session.execute(locking).scalar_one()
     stored = (
         None
-        if inserted is not None or row.watermark_event_id is None
+        if row.watermark_event_id is None
         else Watermark(row.watermark_at, row.watermark_rank, row.watermark_event_id, row.watermark_previous)
     )
     if not is_newer(watermark, snapshot.state, stored, stored_state(row)):

@@ -29,13 +29,12 @@ from app.models import Balance, CreditEntitlement, Grant, LedgerEntry
 
 def sync_entitlement(session: Session, spec: EntitlementSpec) -> CreditEntitlement:
     """Create or update a Tally-native entitlement from its catalogue declaration."""
-    insert_ignoring_conflicts(
-        session,
-        CreditEntitlement,
-        {"id": spec.id, "managed_by": "tally", "name": spec.name, "unit": spec.unit, "precision": spec.precision},
-    )
-    entitlement = session.get(CreditEntitlement, spec.id, populate_existing=True)
-    assert entitlement is not None
+    entitlement = session.get(CreditEntitlement, spec.id)
+    if entitlement is None:
+        values = {"id": spec.id, "managed_by": "tally", "name": spec.name, "unit": spec.unit}
+        insert_ignoring_conflicts(session, CreditEntitlement, {**values, "precision": spec.precision})
+        entitlement = session.get(CreditEntitlement, spec.id, populate_existing=True)
+        assert entitlement is not None
     if entitlement.managed_by != "tally":
         raise ProviderManaged(f"entitlement {spec.id!r} is managed by {entitlement.managed_by}")
     if entitlement.precision != spec.precision and entitlement_has_entries(session, spec.id):
@@ -52,8 +51,19 @@ def entitlement_has_entries(session: Session, entitlement_id: str) -> bool:
 
 
 def lock_balance(session: Session, customer_id: str, entitlement_id: str, *, create: bool = True) -> Balance:
-    """The balance row, locked for this transaction (FOR UPDATE on PostgreSQL; SQLite locks the file)."""
-    if create:
+    """The balance row, locked for this transaction (FOR UPDATE on PostgreSQL; SQLite locks the file).
+
+    The lock is tried first: a balance exists far more often than not, and creating one costs two
+    statements more. `create` makes a missing one (the unique key absorbs a concurrent creation).
+    """
+    query = (
+        select(Balance)
+        .where(Balance.customer_id == customer_id, Balance.entitlement_id == entitlement_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    balance = session.execute(query).scalar_one_or_none()
+    if balance is None and create:
         entitlement = session.get(CreditEntitlement, entitlement_id)
         if entitlement is None:
             raise UnknownBalance(f"no credit entitlement {entitlement_id!r}")
@@ -67,13 +77,7 @@ def lock_balance(session: Session, customer_id: str, entitlement_id: str, *, cre
                 "overage_limit": entitlement.overage_limit,
             },
         )
-    query = (
-        select(Balance)
-        .where(Balance.customer_id == customer_id, Balance.entitlement_id == entitlement_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    balance = session.execute(query).scalar_one_or_none()
+        balance = session.execute(query).scalar_one_or_none()
     if balance is None:
         raise UnknownBalance(f"no balance for customer {customer_id!r} in {entitlement_id!r}")
     return balance
