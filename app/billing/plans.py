@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.catalogue import Catalogue, PlanSpec
 from app.ledger.amounts import to_atoms
 from app.ledger.posting import Source
 from app.ledger.service import PeriodTerms, lock_balance, start_period, sync_entitlement
+from app.models import Balance
 
 
 def period_terms(
@@ -46,8 +48,18 @@ def open_plan_period(
     end: datetime,
     source: Source,
 ) -> bool:
-    """Grant a plan's credits for a period (once), moving the customer's balance into it."""
+    """Grant a plan's credits for a period (once), moving the customer's balance into it.
+
+    Periods only move forward, so a balance already in this period or a later one (read without a
+    lock) needs nothing: most events of a subscription are not its renewal, and they skip the lock
+    that the renewal would otherwise make them wait for.
+    """
     spec = catalogue.entitlement_for(plan)
+    current = session.execute(
+        select(Balance.period_start).where(Balance.customer_id == customer_id, Balance.entitlement_id == spec.id)
+    ).scalar_one_or_none()
+    if current is not None and start <= current:
+        return False
     entitlement = sync_entitlement(session, spec)
     terms = period_terms(
         catalogue, plan, subscription_id=subscription_id, start=start, end=end, precision=entitlement.precision
