@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.billing.subscriptions import ensure_customer
 from app.db import utcnow
 from app.errors import PayloadError
-from app.ledger.amounts import format_atoms
+from app.ledger.amounts import from_atoms
 from app.ledger.mirror import MIRROR_PRECISION, ProviderEntry, adjust_mirrored, ensure_provider_entitlement
 from app.ledger.posting import State
 from app.ledger.service import lock_balance
@@ -64,7 +64,12 @@ def reconcile(ctx: RunContext, client: dodopayments.DodoPayments) -> None:
 def _fmt(state: State | None) -> str | None:
     if state is None:
         return None
-    return f"balance {format_atoms(state[0], MIRROR_PRECISION)}, overage {format_atoms(state[1], MIRROR_PRECISION)}"
+    return f"balance {_decimal(state[0])}, overage {_decimal(state[1])}"
+
+
+def _decimal(atoms: int) -> str:
+    """Atoms at the mirror precision as the shortest decimal (100, 0.5)."""
+    return format(from_atoms(atoms, MIRROR_PRECISION).normalize(), "f")
 
 
 # --- balances ------------------------------------------------------------------------------------
@@ -363,7 +368,9 @@ def _subscription(ctx: RunContext, client: dodopayments.DodoPayments, item: Any,
             {"type": "subscription.updated", "data": {"payload_type": "Subscription", **full.to_dict(mode="json")}}
         )
         with ctx.db.write() as session:
-            applied = apply_subscription(session, parsed, event_id=ctx.watermark_id, received_seconds=fetched_at)
+            # One second past the fetch: the fetched state outranks webhooks received in the same second
+            # (their state is no newer), and a webhook received later still wins.
+            applied = apply_subscription(session, parsed, event_id=ctx.watermark_id, received_seconds=fetched_at + 1)
     except ProviderUnavailable:
         raise
     except Exception as error:
