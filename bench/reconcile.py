@@ -45,9 +45,12 @@ hard_cap = "unlimited"
 
 def child(env: dict[str, str], *argv: str) -> tuple[dict[str, object] | list[object], float, float]:
     """Run `tally …` in a child; its JSON, wall seconds and peak RSS in MiB (a fresh child each time)."""
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report this process's
+    # peak (the fakes hold 100,000 objects); VmHWM belongs to the child's own address space.
     code = (
-        "import json, resource, sys; from app.cli import main; rc = main(sys.argv[1:]); "
-        "sys.stderr.write('MAXRSS %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+        "import sys; from app.cli import main; rc = main(sys.argv[1:]); "
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+        "sys.stderr.write('MAXRSS %s\\n' % hwm); sys.exit(rc)"
     )
     started = time.perf_counter()
     done = subprocess.run(
