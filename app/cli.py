@@ -74,7 +74,7 @@ def jobs_for(settings: Settings) -> Jobs:
 
 
 def cmd_clock(settings: Settings, args: argparse.Namespace) -> int:
-    run_clock(jobs_for(settings))
+    run_clock(jobs_for(settings), settings.reconcile_at)
     return 0
 
 
@@ -169,6 +169,13 @@ def cmd_events_replay(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """`tally reconcile`: run it now (or show a stored run with --report); exit 1 when a run could not finish."""
+    from app.reconciliation.cli import reconcile_command
+
+    return reconcile_command(get_database(), settings, args)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tally", description="Tally, a webhook-driven credit ledger")
     commands = root.add_subparsers(dest="command", required=True)
@@ -186,6 +193,16 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("clock", help="run the scheduler (sweeper, expiry)").set_defaults(run=cmd_clock)
     commands.add_parser("migrate", help="alembic upgrade head").set_defaults(run=cmd_migrate)
     commands.add_parser("verify", help="check the ledger's invariants").set_defaults(run=cmd_verify)
+
+    reconcile = commands.add_parser("reconcile", help="compare with the providers and repair drift (SPEC 7)")
+    reconcile.add_argument(
+        "--provider", choices=["stripe", "dodo"], help="one provider (default: every configured one)"
+    )
+    reconcile.add_argument("--dry-run", action="store_true", help="change nothing; record what would be done")
+    reconcile.add_argument("--since", metavar="DATE", help="undelivered events from this date (default: last run)")
+    reconcile.add_argument("--json", action="store_true", help="print the stored run(s) as JSON")
+    reconcile.add_argument("--report", nargs="?", const=0, type=int, metavar="RUN_ID", help="show a stored run")
+    reconcile.set_defaults(run=cmd_reconcile)
 
     keys = commands.add_parser("keys", help="API tokens").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="print a new token once")

@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     sweep_after_seconds: int = Field(default=60, ge=0, validation_alias="TALLY_SWEEP_AFTER_SECONDS")
     worker_threads: int = Field(default=4, ge=1, validation_alias="TALLY_WORKER_THREADS")
     db_pool_size: int = Field(default=20, ge=1, validation_alias="TALLY_DB_POOL_SIZE")
+    reconcile_at: str = Field(default="03:00", validation_alias="TALLY_RECONCILE_AT")
+    reconcile_rate: float = Field(default=20.0, gt=0, validation_alias="TALLY_RECONCILE_RATE")
+    reconcile_retries: int = Field(default=5, ge=0, validation_alias="TALLY_RECONCILE_RETRIES")
+    reconcile_backoff_ms: int = Field(default=500, ge=0, validation_alias="TALLY_RECONCILE_BACKOFF_MS")
     # Stripe's and Standard Webhooks' tolerance; no documented variable (pydantic-settings would read one
     # spelled exactly `webhook_tolerance_seconds`, as it reads every field without an alias).
     webhook_tolerance_seconds: int = 300
@@ -183,6 +187,15 @@ class Settings(BaseSettings):
         if any(len(key) < 16 for key in value):
             raise _problem("TALLY_API_KEYS: every token must be at least 16 characters long")
         return value
+
+    @field_validator("reconcile_at")
+    @classmethod
+    def _time_of_day(cls, value: str) -> str:
+        """HH:MM in UTC, when the clock starts the nightly reconciliation."""
+        hours, _, minutes = value.strip().partition(":")
+        if not (hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60 and len(minutes) == 2):
+            raise _problem("TALLY_RECONCILE_AT must be a UTC time of day as HH:MM, e.g. 03:00")
+        return f"{int(hours):02d}:{minutes}"
 
     @field_validator("stripe_api_base", "dodo_base_url")
     @classmethod

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("app.billing",),
     ("app.providers", "app.metering"),
     ("app.inbox",),
+    ("app.reconciliation",),
     ("app.queue", "app.tasks"),
     ("app.api",),
     ("app.web", "app.cli"),

@@ -21,6 +21,12 @@ where a gap jump is what the missing entries moved. `verify_mirrored` checks exa
 recorded gaps as known (not as corruption); an unrecorded or stale gap, a wrong amount, or a balance
 that is not its last entry's after-values are breaches.
 
+Reconciliation adjustments (`adjust_mirrored`) are the one kind of Tally entry a mirrored balance may
+hold: when the provider's balance differs and no entry of its ledger explains it, the provider is
+authoritative, and one `reconciliation_adjustment` entry moves the mirror from where its chain ends
+to the provider's values. It takes part in the chain like a provider entry (ordered by its time,
+linked by its before/after), so the provider's next entry follows it without a gap.
+
 This module takes plain values (ids, atoms, datetimes); provider payload formats stay in
 `app.providers`.
 """
@@ -29,10 +35,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import insert_ignoring_conflicts, utcnow
@@ -40,6 +46,9 @@ from app.ledger.errors import LedgerError, ProviderManaged
 from app.ledger.posting import Position, Posting, Source, State, net, post_one, reposition
 from app.ledger.service import find_entry, lock_balance
 from app.models import Balance, CreditEntitlement, LedgerEntry, ProviderEntitlement, ProviderLedgerEntry
+
+ADJUSTMENT = "reconciliation_adjustment"
+"""The kind of a reconciliation adjustment entry: the only non-provider entry a mirrored balance accepts."""
 
 MIRROR_PRECISION = 10
 """Atoms of mirrored amounts: the provider's payloads do not say the entitlement's precision (0–10)."""
@@ -284,16 +293,20 @@ def _mark_gap(row: ProviderLedgerEntry, expected: State | None) -> None:
     row.expected_overage_before = expected[1] if expected else None
 
 
-def _mirrored_links(session: Session, balance_id: int) -> list[tuple[Link, ProviderLedgerEntry]]:
+def _mirrored_links(session: Session, balance_id: int) -> list[tuple[Link, ProviderLedgerEntry | None]]:
+    """The balance's chain: its provider entries (with their rows) and its adjustments (row None)."""
     rows = session.execute(
         select(LedgerEntry, ProviderLedgerEntry)
-        .join(ProviderLedgerEntry, ProviderLedgerEntry.ledger_entry_id == LedgerEntry.id)
-        .where(LedgerEntry.balance_id == balance_id)
+        .outerjoin(ProviderLedgerEntry, ProviderLedgerEntry.ledger_entry_id == LedgerEntry.id)
+        .where(
+            LedgerEntry.balance_id == balance_id,
+            or_(ProviderLedgerEntry.ledger_entry_id.is_not(None), LedgerEntry.kind == ADJUSTMENT),
+        )
     ).all()
     return [
         (
             Link(
-                provider.external_id,
+                provider.external_id if provider is not None else (entry.dedupe_key or f"adjustment:{entry.id}"),
                 entry.created_at,
                 (entry.balance_before, entry.overage_before),
                 (entry.balance_after, entry.overage_after),
@@ -304,6 +317,36 @@ def _mirrored_links(session: Session, balance_id: int) -> list[tuple[Link, Provi
     ]
 
 
+def adjust_mirrored(
+    session: Session, balance: Balance, after: State, at: datetime, *, dedupe_key: str, description: str
+) -> LedgerEntry:
+    """Move a (locked) mirrored balance to the provider's values with one `reconciliation_adjustment`.
+
+    It goes at the end of the chain: at `at` (the provider's time for the balance), or just after the
+    newest entry if that is later, so the order stays the provider's.
+    """
+    existing = find_entry(session, dedupe_key)
+    if existing is not None:
+        return existing
+    if min(after) < 0:
+        raise LedgerError("a mirrored balance cannot go negative")
+    last = balance.last_transaction_at
+    if last is not None and at <= last:
+        at = last + timedelta(microseconds=1)
+    return post_one(
+        session,
+        balance,
+        Posting(
+            balance.id,
+            ADJUSTMENT,
+            after,
+            at,
+            Source(dedupe_key=dedupe_key, description=description),
+            before=(balance.balance, balance.overage),
+        ),
+    )
+
+
 def rechain(session: Session, balance: Balance) -> None:
     """Recompute positions and gaps of a (locked) balance's entries, and its state from the last one."""
     pairs = _mirrored_links(session, balance.id)
@@ -311,6 +354,8 @@ def rechain(session: Session, balance: Balance) -> None:
     placed = order_chain([link for link, _ in pairs])
     for item in placed:
         row = rows[item.link.key]
+        if row is None:
+            continue  # an adjustment: it starts where the chain stood when it was made
         row.chain_position = item.position
         _mark_gap(row, item.expected_before)
     if placed:
@@ -335,7 +380,10 @@ def verify_mirrored(session: Session, balance: Balance, label: str) -> MirrorAud
     pairs = _mirrored_links(session, balance.id)
     unmirrored = len(entries) - len(pairs)
     if unmirrored:
-        audit.problems.append(f"{label}: {unmirrored} entries of a provider-managed balance are not provider entries")
+        audit.problems.append(
+            f"{label}: {unmirrored} entries of a provider-managed balance are neither provider entries "
+            "nor reconciliation adjustments"
+        )
     for entry in entries:
         expected = (entry.balance_after - entry.overage_after) - (entry.balance_before - entry.overage_before)
         if entry.amount != expected:
@@ -345,6 +393,16 @@ def verify_mirrored(session: Session, balance: Balance, label: str) -> MirrorAud
     jumps = 0
     for item in placed:
         row = rows[item.link.key]
+        if row is None:
+            # A reconciliation adjustment: accounted for in the sums, and linked like a provider entry.
+            if item.expected_before is not None:
+                jumps += item.link.before[0] - item.link.before[1] - net(item.expected_before)
+                audit.known_gaps.append(
+                    f"{label}: an entry older than reconciliation adjustment {item.link.key} arrived after it: "
+                    f"expected {item.expected_before}, the adjustment starts at {item.link.before} "
+                    "(left for the next reconciliation)"
+                )
+            continue
         recorded = (row.expected_balance_before, row.expected_overage_before) if row.follows_gap else None
         if item.expected_before is not None:
             jumps += item.link.before[0] - item.link.before[1] - net(item.expected_before)

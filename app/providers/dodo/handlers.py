@@ -30,7 +30,7 @@ from app.billing.subscriptions import apply_customer_snapshot, apply_subscriptio
 from app.db import insert_ignoring_conflicts, utcnow
 from app.errors import PayloadError
 from app.ledger.errors import LedgerError
-from app.ledger.mirror import ensure_provider_entitlement, mirror_entry, note_display_precision
+from app.ledger.mirror import ProviderEntry, ensure_provider_entitlement, mirror_entry, note_display_precision
 from app.ledger.service import lock_balance
 from app.models import (
     CreditAlert,
@@ -71,27 +71,33 @@ def _received_seconds(event: InboxEvent) -> int:
     return int(event.received_at.timestamp())
 
 
-def subscription_watermark(event: InboxEvent, parsed: DodoSubscription) -> Watermark:
-    """(period start, receipt time within it): see the module docstring."""
-    period_start = int(parsed.snapshot.period_start.timestamp())  # type: ignore[union-attr]
-    return Watermark(at=period_start, rank=_received_seconds(event) - period_start, event_id=event.provider_event_id)
-
-
 def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
     parsed = parse_subscription(payload)
+    apply_subscription(session, parsed, event_id=event.provider_event_id, received_seconds=_received_seconds(event))
+
+
+def apply_subscription(session: Session, parsed: DodoSubscription, *, event_id: str, received_seconds: int) -> bool:
+    """Store a subscription snapshot (customer, state, cart) if it is newer; True when it was applied.
+
+    The one path for webhooks and reconciliation; `received_seconds` is when the state was read from Dodo
+    (a webhook's receipt, or reconciliation's fetch), see the module docstring.
+    """
     snapshot = parsed.snapshot
     apply_customer_snapshot(
         session,
         customer_id=snapshot.customer_id,
         provider=PROVIDER,
-        watermark=Watermark(at=_received_seconds(event), rank=0, event_id=event.provider_event_id),
+        watermark=Watermark(at=received_seconds, rank=0, event_id=event_id),
         email=parsed.customer_email,
         name=parsed.customer_name,
         deleted=False,
     )
-    if not apply_subscription_snapshot(session, snapshot, subscription_watermark(event, parsed)):
-        return  # an older state than the one stored: its cart is older too
+    period_start = int(snapshot.period_start.timestamp())  # type: ignore[union-attr]
+    watermark = Watermark(at=period_start, rank=received_seconds - period_start, event_id=event_id)
+    if not apply_subscription_snapshot(session, snapshot, watermark):
+        return False  # an older state than the one stored: its cart is older too
     _replace_cart(session, parsed)
+    return True
 
 
 def _replace_cart(session: Session, parsed: DodoSubscription) -> None:
@@ -152,10 +158,14 @@ def _replace_cart(session: Session, parsed: DodoSubscription) -> None:
 
 
 def _on_ledger_entry(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
-    entry = parse_ledger_entry(payload)
+    mirror_ledger_entry(session, parse_ledger_entry(payload), inbox_event_id=event.id)
+
+
+def mirror_ledger_entry(session: Session, entry: ProviderEntry, *, inbox_event_id: int | None = None) -> None:
+    """Mirror one Dodo ledger entry: the path of `credit.*` webhooks and of reconciliation's ledger listing."""
     ensure_customer(session, entry.customer_id, PROVIDER)
     try:
-        mirror_entry(session, entry, inbox_event_id=event.id)
+        mirror_entry(session, entry, inbox_event_id=inbox_event_id)
     except LedgerError as error:  # e.g. negative values, or an id Tally itself manages
         raise PayloadError(str(error)) from None
 

@@ -10,7 +10,12 @@ from sqlalchemy.orm import Session
 
 from app.billing.plans import open_plan_period
 from app.billing.snapshots import Watermark
-from app.billing.subscriptions import apply_customer_snapshot, apply_subscription_snapshot, ensure_customer
+from app.billing.subscriptions import (
+    SubscriptionSnapshot,
+    apply_customer_snapshot,
+    apply_subscription_snapshot,
+    ensure_customer,
+)
 from app.catalogue import PlanSpec
 from app.ledger.posting import Source
 from app.models import InboxEvent, Subscription
@@ -44,18 +49,28 @@ def _watermark(info: EventInfo) -> Watermark:
     return Watermark(at=info.created, rank=LIFECYCLE_RANK.get(info.type, 1), event_id=info.id, previous=info.previous)
 
 
-def _resolve_plan(context: HandlerContext, price: PriceRef) -> PlanSpec | None:
+def resolve_plan(context: HandlerContext, price: PriceRef) -> PlanSpec | None:
     return context.catalogue.plan_for(
         price_id=price.price_id, product_id=price.product_id, lookup_key=price.lookup_key, metadata=price.metadata
     )
 
 
-def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
-    parsed = parse_subscription_event(payload)
-    plan = _resolve_plan(context, parsed.price)
-    snapshot = replace(parsed.snapshot, plan_key=plan.key if plan else None)
-    if not apply_subscription_snapshot(session, snapshot, _watermark(parsed.info)):
-        return
+def apply_subscription(
+    session: Session,
+    snapshot: SubscriptionSnapshot,
+    price: PriceRef,
+    watermark: Watermark,
+    context: HandlerContext,
+    source: Source,
+) -> bool:
+    """Store a subscription snapshot if it is newer, and grant its period once; True when it was applied.
+
+    The one path for webhooks and reconciliation alike (reconciliation passes a watermark "as of the fetch").
+    """
+    plan = resolve_plan(context, price)
+    snapshot = replace(snapshot, plan_key=plan.key if plan else None)
+    if not apply_subscription_snapshot(session, snapshot, watermark):
+        return False
     if (
         plan is not None
         and snapshot.status in GRANTING_STATUSES
@@ -71,15 +86,23 @@ def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any
             subscription_id=snapshot.id,
             start=snapshot.period_start,
             end=snapshot.period_end,
-            source=Source(inbox_event_id=event.id),
+            source=source,
         )
+    return True
+
+
+def _on_subscription(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
+    parsed = parse_subscription_event(payload)
+    apply_subscription(
+        session, parsed.snapshot, parsed.price, _watermark(parsed.info), context, Source(inbox_event_id=event.id)
+    )
 
 
 def _on_invoice_paid(session: Session, event: InboxEvent, payload: dict[str, Any], context: HandlerContext) -> None:
     period = parse_paid_invoice(payload)
     if period is None or period.end <= context.now:
         return  # a one-off invoice, or a period already over: nothing left to grant
-    plan = _resolve_plan(context, period.price)
+    plan = resolve_plan(context, period.price)
     if plan is None:
         known = session.get(Subscription, period.subscription_id)
         plan = context.catalogue.plans.get(known.plan_key) if known and known.plan_key else None
