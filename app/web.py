@@ -28,6 +28,7 @@ from app.config import Settings, get_settings
 from app.db import AsyncDatabase, Database, get_database, table_of, utcnow
 from app.doorbell import ring
 from app.group_commit import GroupCommit
+from app.metering.debits import LedgerEntryBatcher
 from app.metering.models import UsageEvent
 from app.models import InboxEvent
 from app.queue import build_broker, ping, start_inprocess_worker
@@ -103,6 +104,7 @@ def create_app(
         finally:
             await app_services.inbox_intake.close()
             await app_services.usage_intake.close()
+            await app_services.ledger_entries.close()
             await app_services.adb.dispose()
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
@@ -138,6 +140,7 @@ def create_app(
         adb=adb,
         inbox_intake=GroupCommit(adb, table_of(InboxEvent), ("provider", "provider_event_id"), ring=ring_events),
         usage_intake=GroupCommit(adb, table_of(UsageEvent), ("event_id",), ring=ring_usage),
+        ledger_entries=LedgerEntryBatcher(db, settings.catalogue),
         enqueue_event=jobs.enqueue_event,
         enqueue_usage=jobs.enqueue_usage,
         authenticator=Authenticator(db, settings.api_keys),

@@ -21,6 +21,7 @@ from app.config import Settings
 from app.db import AsyncDatabase, Database
 from app.errors import Malformed, TallyError, TooLarge
 from app.group_commit import GroupCommit
+from app.metering.debits import LedgerEntryBatcher
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Services:
     adb: AsyncDatabase
     inbox_intake: GroupCommit
     usage_intake: GroupCommit
+    ledger_entries: LedgerEntryBatcher
     enqueue_event: Callable[[int], None]
     enqueue_usage: Callable[[list[int]], None]
     authenticator: Authenticator

@@ -102,14 +102,9 @@ async def create_ledger_entry(request: Request) -> JSONResponse:
     _require_service(await authenticate(request))
     entry_request = entries.parse_entry_request(await read_json(request))
     app = services(request)
-    outcome = await run_in_threadpool(
-        entries.create_ledger_entry,
-        app.db,
-        app.settings.catalogue,
-        entitlement_id=request.path_params["credit_entitlement_id"],
-        customer_id=request.path_params["customer_id"],
-        request=entry_request,
-        now=app.clock(),
+    # Concurrent requests on one balance are decided together, one transaction per batch (app.metering.debits).
+    outcome = await app.ledger_entries.submit(
+        request.path_params["credit_entitlement_id"], request.path_params["customer_id"], entry_request, app.clock()
     )
     status, body = entry_answer(outcome)
     return JSONResponse(body, status_code=status)
