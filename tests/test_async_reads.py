@@ -1,23 +1,29 @@
 """The reads on the event loop: answers field for field, the current-subscription rule in SQL, outages,
-and the connections lent to one-row reads."""
+the connections lent to one-row reads, and the token cache (bounded, one lookup at a time, revocation
+visible within a second)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-from datetime import datetime, timedelta
+import time
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from conftest import JOBS, SERVICE_TOKEN, LiveServer
+from sqlalchemy import update
 from test_usage import JULY, JUNE, subscribe, usage_at
 
+from app.api.auth import TokenCache
 from app.api.credit_documents import ReadConnections
 from app.billing.snapshots import Watermark
 from app.billing.subscriptions import SubscriptionSnapshot, apply_subscription_snapshot
 from app.config import get_settings
 from app.db import AsyncDatabase, Database
 from app.errors import Unavailable
+from app.keys import KeyScope, create_key, hash_token
+from app.models import ApiKey
 from app.web import create_app
 
 INSTANT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -136,6 +142,137 @@ def test_every_read_answers_503_when_the_database_is_down(db):
             assert (response.status_code, response.json()["code"]) == (503, "database_unavailable"), path
         stored = client.get(paths[0], headers={"Authorization": "Bearer tly_a_stored_token_cannot_be_read"})
         assert (stored.status_code, stored.json()["code"]) == (503, "database_unavailable")
+
+
+# --- the token cache ------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cache_entries_live_at_most_the_ttl_known_or_unknown():
+    clock, looked_up = Clock(), []
+
+    async def run() -> None:
+        cache = TokenCache(ttl=1.0, clock=clock)
+
+        def lookup_of(token_hash: str, scope: KeyScope | None):
+            async def lookup() -> KeyScope | None:
+                looked_up.append(token_hash)
+                return scope
+            return lookup
+
+        known, unknown = lookup_of("known", KeyScope("customer", "cus_1")), lookup_of("unknown", None)
+        assert (await cache.resolve("known", known)).customer_id == "cus_1"
+        assert await cache.resolve("unknown", unknown) is None
+        clock.now += 0.99
+        assert (await cache.resolve("known", known)).customer_id == "cus_1"
+        assert await cache.resolve("unknown", unknown) is None
+        assert looked_up == ["known", "unknown"]
+        clock.now += 0.02  # past the second since the lookups started: both are read again
+        await cache.resolve("known", lookup_of("known", None))  # revoked meanwhile
+        await cache.resolve("unknown", unknown)
+        assert looked_up == ["known", "unknown", "known", "unknown"]
+        assert await cache.resolve("known", known) is None  # the revocation is what is cached now
+
+    asyncio.run(run())
+
+
+def test_the_cache_is_bounded_and_a_flood_of_unknown_tokens_keeps_the_known_ones():
+    async def run() -> None:
+        cache = TokenCache(ttl=60, max_known=3, max_unknown=5)
+
+        async def found() -> KeyScope:
+            return KeyScope("service")
+
+        async def missing() -> None:
+            return None
+
+        for n in range(3):
+            await cache.resolve(f"known-{n}", found)
+        for n in range(10_000):
+            await cache.resolve(f"made-up-{n}", missing)
+        assert len(cache) == 8
+
+        async def must_not_look_up() -> None:
+            raise AssertionError("a known token was evicted by unknown ones")
+
+        for n in range(3):
+            assert await cache.resolve(f"known-{n}", must_not_look_up) is not None
+        for n in range(3, 10):  # past its bound the least recently used known token goes
+            await cache.resolve(f"known-{n}", found)
+        assert len(cache) == 8
+
+    asyncio.run(run())
+
+
+def test_concurrent_requests_for_one_token_share_one_lookup_and_its_failure():
+    async def run() -> None:
+        cache, calls = TokenCache(), []
+        release = asyncio.Event()
+
+        async def slow() -> KeyScope:
+            calls.append(1)
+            await release.wait()
+            return KeyScope("service")
+
+        waiting = [asyncio.ensure_future(cache.resolve("hash", slow)) for _ in range(50)]
+        await asyncio.sleep(0)
+        release.set()
+        assert {(await w).scope for w in waiting} == {"service"} and len(calls) == 1
+
+        async def failing() -> None:
+            calls.append(1)
+            await asyncio.sleep(0.01)
+            raise ConnectionError("database down")
+
+        failed = await asyncio.gather(*(cache.resolve("other", failing) for _ in range(20)), return_exceptions=True)
+        assert all(isinstance(error, ConnectionError) for error in failed) and len(calls) == 2
+        with pytest.raises(ConnectionError):  # a failure is not remembered: the next request tries again
+            await cache.resolve("other", failing)
+        assert len(calls) == 3
+
+    asyncio.run(run())
+
+
+def test_a_revoked_token_stops_working_within_a_second(db, http):
+    subscribe(db, "cus_r", "sub_r", used=1)
+    token = create_key(db, scope="customer", customer_id="cus_r")
+    headers = {"Authorization": f"Bearer {token}"}
+    assert http.get("/usage", headers=headers).status_code == 200
+    with db.write() as session:
+        session.execute(update(ApiKey).where(ApiKey.token_hash == hash_token(token))
+                        .values(revoked_at=datetime.now(UTC)))
+    revoked_at = time.monotonic()
+    while True:  # any request sent more than a second after the revocation must be refused
+        sent = time.monotonic()
+        if http.get("/usage", headers=headers).status_code != 200:
+            break
+        assert sent - revoked_at < 1.05, "the revoked token still works after a second"
+        time.sleep(0.02)
+    assert http.get("/usage", headers=headers).json()["code"] == "unauthorized"
+
+
+def test_a_new_token_works_within_a_second_even_after_being_refused(db, http):
+    subscribe(db, "cus_t", "sub_t", used=1)
+    token = "tly_created_right_after_a_failed_try_0123456789"
+    headers = {"Authorization": f"Bearer {token}"}
+    assert http.get("/usage", headers=headers).status_code == 401
+    with db.write() as session:
+        session.add(ApiKey(token_hash=hash_token(token), scope="customer", customer_id="cus_t"))
+    created_at = time.monotonic()
+    while True:
+        sent = time.monotonic()
+        if http.get("/usage", headers=headers).status_code != 401:
+            break
+        assert sent - created_at < 1.05, "the new token is still refused after a second"
+        time.sleep(0.02)
+    assert http.get("/usage", headers=headers).json()["customer_id"] == "cus_t"
 
 
 # --- connections lent to one-row reads ------------------------------------------------------------
