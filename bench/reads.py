@@ -13,9 +13,10 @@ Per route, in one run (so machine noise hits all alike):
    (a TALLY_API_KEYS token, or with --stored-token one made by `tally keys create --service`), and
    the server process's CPU time per request (from /proc: steadier than req/s on a shared machine);
 2. paced: this process's own asyncio client (raw HTTP/1.1 keep-alive, no library overhead) sends
-   <rate> req/s open-loop over 32 connections; latency counts from each request's scheduled time, so
-   a late send is not hidden. The client prints its own CPU use: if it nears 100 % the figures are the
-   client's, not the server's.
+   <rate> req/s open-loop over 32 connections, <paced-seconds> per route, the routes taking turns
+   every half second (so a burst of noise falls on all of them alike); latency counts from each
+   request's scheduled time, so a late send is not hidden. The client prints its own CPU use: if it
+   nears 100 % the figures are the client's, not the server's.
 The figures that matter are the ratios to the bare GET, measured in the same run.
 
 --profile ROUTE runs py-spy (`pip install py-spy`) on the server while wrk drives ROUTE and writes
@@ -231,32 +232,35 @@ class PacedResult:
     bad_statuses: dict[int, int] = field(default_factory=dict)
 
 
-async def _paced(port: int, path: str, token: str, rate: float, seconds: float, connections: int) -> PacedResult:
+async def _paced(port: int, paths: dict[str, str], token: str, rate: float, seconds: float, connections: int,
+                 slice_seconds: float) -> dict[str, PacedResult]:
+    """`rate` req/s open-loop over `connections`, `seconds` per route, the routes taking turns every slice."""
     loop = asyncio.get_running_loop()
-    raw = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
-           f"Accept: */*\r\n\r\n").encode()
+    raws = {name: (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+                   f"Accept: */*\r\n\r\n").encode() for name, path in paths.items()}
+    names = list(paths)
     idle: asyncio.Queue[_Connection] = asyncio.Queue()
     for _ in range(connections):
         _, protocol = await loop.create_connection(_Connection, "127.0.0.1", port)
         idle.put_nowait(protocol)
-    latencies: list[float] = []
-    bad: dict[int, int] = {}
-
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    bad: dict[str, dict[int, int]] = {name: {} for name in names}
     failures: list[BaseException] = []
 
-    async def one(scheduled: float) -> None:
+    async def one(name: str, scheduled: float) -> None:
         connection = await idle.get()
         try:
-            status = await connection.request(raw)
+            status = await connection.request(raws[name])
         except Exception as error:
             failures.append(error)
             return
-        latencies.append(time.perf_counter() - scheduled)
+        latencies[name].append(time.perf_counter() - scheduled)
         idle.put_nowait(connection)
         if status != 200:
-            bad[status] = bad.get(status, 0) + 1
+            bad[name][status] = bad[name].get(status, 0) + 1
 
-    total = int(rate * seconds)
+    per_slice = max(1, int(rate * slice_seconds))
+    total = int(rate * seconds) * len(names)
     tasks: set[asyncio.Task[None]] = set()
     cpu_started, started = time.process_time(), time.perf_counter()
     sent = 0
@@ -264,7 +268,8 @@ async def _paced(port: int, path: str, token: str, rate: float, seconds: float, 
         now = time.perf_counter()
         due = min(total, int((now - started) * rate) + 1)
         while sent < due:  # every request whose time has come, each stamped with its own schedule
-            task = loop.create_task(one(started + sent / rate))
+            name = names[(sent // per_slice) % len(names)]
+            task = loop.create_task(one(name, started + sent / rate))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             sent += 1
@@ -278,20 +283,24 @@ async def _paced(port: int, path: str, token: str, rate: float, seconds: float, 
         connection = idle.get_nowait()
         assert connection.transport is not None
         connection.transport.close()
-    ordered = sorted(latencies)
-    return PacedResult(
-        sent=total, achieved_rate=total / wall, p50_ms=ordered[len(ordered) // 2] * 1000,
-        p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, max_ms=ordered[-1] * 1000,
-        client_cpu=cpu / wall, bad_statuses=bad)
+    results = {}
+    for name in names:
+        ordered = sorted(latencies[name])
+        results[name] = PacedResult(
+            sent=len(ordered), achieved_rate=total / wall, p50_ms=ordered[len(ordered) // 2] * 1000,
+            p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, max_ms=ordered[-1] * 1000,
+            client_cpu=cpu / wall, bad_statuses=bad[name])
+    return results
 
 
-def run_paced(port: int, path: str, token: str, rate: float, seconds: float) -> PacedResult:
+def run_paced(port: int, paths: dict[str, str], token: str, rate: float, seconds: float,
+              slice_seconds: float = 0.5) -> dict[str, PacedResult]:
     try:
         import uvloop
 
-        return uvloop.run(_paced(port, path, token, rate, seconds, 32))
+        return uvloop.run(_paced(port, paths, token, rate, seconds, 32, slice_seconds))
     except ImportError:
-        return asyncio.run(_paced(port, path, token, rate, seconds, 32))
+        return asyncio.run(_paced(port, paths, token, rate, seconds, 32, slice_seconds))
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -370,8 +379,9 @@ def main() -> int:
         for _ in range(args.rounds):
             for name in routes:
                 saturated[name].append(run_wrk(base + ROUTES[name], token, args.duration, process.pid))
+            turns = run_paced(port, {name: ROUTES[name] for name in routes}, token, args.rate, args.paced_seconds)
             for name in routes:
-                paced[name].append(run_paced(port, ROUTES[name], token, args.rate, args.paced_seconds))
+                paced[name].append(turns[name])
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -394,7 +404,8 @@ def main() -> int:
         print(f"  {name:<8} {rate:8.0f} req/s  ratio to bare {ratio}  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
               f"  server CPU {cpu:6.1f} us/request{rounds}"
               + (f"  [{errors}]" if errors else ""))
-    print(f"paced: {args.rate:.0f} req/s for {args.paced_seconds:.0f} s over 32 connections (median of rounds)")
+    print(f"paced: {args.rate:.0f} req/s over 32 connections, {args.paced_seconds:.0f} s per route in turns of 0.5 s"
+          " (median of rounds)")
     bare_p99 = statistics.median(r.p99_ms for r in paced["bare"]) if "bare" in paced else None
     for name in routes:
         results = paced[name]
@@ -403,7 +414,8 @@ def main() -> int:
         delta = f"{p99 - bare_p99:+6.2f} ms" if bare_p99 is not None else "n/a"
         bad = {k: v for r in results for k, v in r.bad_statuses.items()}
         worst = max(r.max_ms for r in results)
-        print(f"  {name:<8} achieved {statistics.median(r.achieved_rate for r in results):6.0f} req/s  "
+        achieved = statistics.median(r.achieved_rate for r in results)
+        print(f"  {name:<8} {sum(r.sent for r in results):6d} requests at {achieved:5.0f}/s  "
               f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  (p99 - bare {delta})  max {worst:6.1f} ms"
               f"  client CPU {statistics.median(r.client_cpu for r in results) * 100:4.0f} %"
               + (f"  non-200: {bad}" if bad else ""))
