@@ -17,6 +17,8 @@ run: $(STAMP)
 test: $(STAMP)
 	scripts/test
 
+# Every figure of the throughput issue in one run (bench/run.py says how); BENCH_ARGS="--quick --only P1,P3".
+# Installs wrk (Debian's package) when missing; starts and removes its own Redis and scratch database.
 bench: $(STAMP)
-	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
-	$(VENV)/bin/python bench/webhooks.py
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)

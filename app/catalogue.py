@@ -198,8 +198,10 @@ def parse_catalogue(document: Mapping[str, Any]) -> Catalogue:
         precision = entitlements[plan.entitlement].precision if plan.entitlement in entitlements else 0
         for name, amount in (("included", plan.included), ("hard_cap", plan.hard_cap)):
             if amount is not None and amount != round(amount, precision):
-                problems.append(f"plans.{key}.{name} has more than the {precision} decimal places "
-                                f"of entitlement {plan.entitlement!r}")
+                problems.append(
+                    f"plans.{key}.{name} has more than the {precision} decimal places "
+                    f"of entitlement {plan.entitlement!r}"
+                )
     for key, spec in entitlements.items():
         if spec.overage_limit is not None and spec.overage_limit != round(spec.overage_limit, spec.precision):
             problems.append(f"entitlements.{key}.overage_limit has more than {spec.precision} decimal places")

@@ -48,11 +48,22 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if settings.broker_kind == "inprocess":
-        print("tally worker: no broker configured (REDIS_URL or BROKER_URL); "
-              "the embedded default runs its workers inside `tally serve`", file=sys.stderr)
+        print(
+            "tally worker: no broker configured (REDIS_URL or BROKER_URL); "
+            "the embedded default runs its workers inside `tally serve`",
+            file=sys.stderr,
+        )
         return 2
-    argv = [sys.executable, "-m", "dramatiq", "workers.process",
-            "--processes", str(args.processes), "--threads", str(args.threads)]
+    argv = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers.process",
+        "--processes",
+        str(args.processes),
+        "--threads",
+        str(args.threads),
+    ]
     os.execv(sys.executable, argv)
     return 0  # not reached
 
@@ -63,7 +74,7 @@ def jobs_for(settings: Settings) -> Jobs:
 
 
 def cmd_clock(settings: Settings, args: argparse.Namespace) -> int:
-    run_clock(jobs_for(settings))
+    run_clock(jobs_for(settings), settings.reconcile_at)
     return 0
 
 
@@ -78,8 +89,10 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     scope = "service" if args.service else "customer"
     token = create_key(get_database(), scope=scope, customer_id=args.customer, label=args.label)
     print(token)
-    print(f"(a {scope} token{' for ' + args.customer if args.customer else ''}; it is shown only this once)",
-          file=sys.stderr)
+    print(
+        f"(a {scope} token{' for ' + args.customer if args.customer else ''}; it is shown only this once)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -111,8 +124,10 @@ def cmd_events_list(settings: Settings, args: argparse.Namespace) -> int:
     print("  ".join(f"{status}: {count}" for status, count in sorted(counts.items())) or "the inbox is empty")
     for event in events:
         error = f"  {event.last_error.splitlines()[0][:80]}" if event.last_error else ""
-        print(f"{event.id:>8}  {event.provider:<6} {event.status:<9} attempts={event.attempts:<2} "
-              f"{event.received_at:%Y-%m-%d %H:%M:%S}  {event.type}  {event.provider_event_id}{error}")
+        print(
+            f"{event.id:>8}  {event.provider:<6} {event.status:<9} attempts={event.attempts:<2} "
+            f"{event.received_at:%Y-%m-%d %H:%M:%S}  {event.type}  {event.provider_event_id}{error}"
+        )
     return 0
 
 
@@ -124,13 +139,23 @@ def cmd_events_show(settings: Settings, args: argparse.Namespace) -> int:
         if event is None:
             print(f"no inbox event {args.id}", file=sys.stderr)
             return 1
-        print(json.dumps({
-            "id": event.id, "provider": event.provider, "provider_event_id": event.provider_event_id,
-            "type": event.type, "status": event.status, "attempts": event.attempts,
-            "received_at": event.received_at.isoformat(),
-            "processed_at": event.processed_at.isoformat() if event.processed_at else None,
-            "last_error": event.last_error, "body": json.loads(event.body),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "id": event.id,
+                    "provider": event.provider,
+                    "provider_event_id": event.provider_event_id,
+                    "type": event.type,
+                    "status": event.status,
+                    "attempts": event.attempts,
+                    "received_at": event.received_at.isoformat(),
+                    "processed_at": event.processed_at.isoformat() if event.processed_at else None,
+                    "last_error": event.last_error,
+                    "body": json.loads(event.body),
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -142,6 +167,13 @@ def cmd_events_replay(settings: Settings, args: argparse.Namespace) -> int:
     if ok and settings.broker_kind == "inprocess":
         print("(embedded default: the running `tally serve` sweeper applies it within a minute)")
     return 0 if ok else 1
+
+
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """`tally reconcile`: run it now (or show a stored run with --report); exit 1 when a run could not finish."""
+    from app.reconciliation.cli import reconcile_command
+
+    return reconcile_command(get_database(), settings, args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -161,6 +193,16 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("clock", help="run the scheduler (sweeper, expiry)").set_defaults(run=cmd_clock)
     commands.add_parser("migrate", help="alembic upgrade head").set_defaults(run=cmd_migrate)
     commands.add_parser("verify", help="check the ledger's invariants").set_defaults(run=cmd_verify)
+
+    reconcile = commands.add_parser("reconcile", help="compare with the providers and repair drift (SPEC 7)")
+    reconcile.add_argument(
+        "--provider", choices=["stripe", "dodo"], help="one provider (default: every configured one)"
+    )
+    reconcile.add_argument("--dry-run", action="store_true", help="change nothing; record what would be done")
+    reconcile.add_argument("--since", metavar="DATE", help="undelivered events from this date (default: last run)")
+    reconcile.add_argument("--json", action="store_true", help="print the stored run(s) as JSON")
+    reconcile.add_argument("--report", nargs="?", const=0, type=int, metavar="RUN_ID", help="show a stored run")
+    reconcile.set_defaults(run=cmd_reconcile)
 
     keys = commands.add_parser("keys", help="API tokens").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="print a new token once")

@@ -140,12 +140,14 @@ class AsyncDatabase:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
-            self.engine = create_async_engine(async_url(url), connect_args={"timeout": 30},
-                                              pool_size=pool_size, max_overflow=10)
+            self.engine = create_async_engine(
+                async_url(url), connect_args={"timeout": 30}, pool_size=pool_size, max_overflow=10
+            )
             _configure_sqlite(self.engine.sync_engine)
         else:
-            self.engine = create_async_engine(async_url(url), pool_size=pool_size, max_overflow=10,
-                                              connect_args={"timeout": 3})
+            self.engine = create_async_engine(
+                async_url(url), pool_size=pool_size, max_overflow=10, connect_args={"timeout": 3}
+            )
         self._writing = self.engine.execution_options(tally_write=True)
 
     def write(self) -> AbstractAsyncContextManager[AsyncConnection]:

@@ -32,12 +32,18 @@ def ring(enqueue: Callable[[Work], None], work: Work) -> bool:
 
 def claim_stale_pending(session: Session, model: Any, *, cutoff: datetime, now: datetime, limit: int) -> list[int]:
     """Ids of rows pending since before `cutoff` and not rung since; marked as rung `now`."""
-    ids = list(session.execute(
-        select(model.id)
-        .where(model.status == "pending", model.received_at <= cutoff,
-               or_(model.last_enqueued_at.is_(None), model.last_enqueued_at <= cutoff))
-        .order_by(model.id).limit(limit)
-    ).scalars())
+    ids = list(
+        session.execute(
+            select(model.id)
+            .where(
+                model.status == "pending",
+                model.received_at <= cutoff,
+                or_(model.last_enqueued_at.is_(None), model.last_enqueued_at <= cutoff),
+            )
+            .order_by(model.id)
+            .limit(limit)
+        ).scalars()
+    )
     if ids:
         session.execute(update(model).where(model.id.in_(ids)).values(last_enqueued_at=now))
     return ids

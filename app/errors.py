@@ -78,4 +78,3 @@ class PayloadError(TallyError):
     """An authenticated event whose content cannot be applied: dead-lettered, never retried."""
 
     code = "malformed_payload"
-

@@ -49,8 +49,9 @@ def is_outage(error: BaseException) -> bool:
 class GroupCommit:
     """One writer task per table; `submit` from any number of requests on the same event loop."""
 
-    def __init__(self, db: AsyncDatabase, table: Table, key: Sequence[str], *, ring: Ring | None = None,
-                 max_rows: int = 1000) -> None:
+    def __init__(
+        self, db: AsyncDatabase, table: Table, key: Sequence[str], *, ring: Ring | None = None, max_rows: int = 1000
+    ) -> None:
         self.db, self.table, self.key, self.ring, self.max_rows = db, table, tuple(key), ring, max_rows
         self._queue: asyncio.Queue[_Submission] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -127,4 +128,3 @@ class GroupCommit:
             returned = (await connection.execute(self._insert, unique_rows)).all()
         inserted = {tuple(row[1:]): int(row[0]) for row in returned}
         return [[inserted.get(key) if is_first else None for key, is_first in places] for places in placement]
-

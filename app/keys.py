@@ -46,7 +46,8 @@ def find_key(db: Database, token_hash: str) -> KeyScope | None:
 
 _api_keys = table_of(ApiKey)
 _FIND_KEY = select(_api_keys.c.scope, _api_keys.c.customer_id).where(
-    _api_keys.c.token_hash == bindparam("token_hash"), _api_keys.c.revoked_at.is_(None))
+    _api_keys.c.token_hash == bindparam("token_hash"), _api_keys.c.revoked_at.is_(None)
+)
 
 
 async def find_key_async(adb: AsyncDatabase, token_hash: str) -> KeyScope | None:

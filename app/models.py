@@ -8,7 +8,7 @@ at the edges.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -40,7 +40,7 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
 
 
 # --- the inbox: every verified webhook, exactly as received ---------------------------------------
@@ -357,7 +357,10 @@ class ProviderPayment(Base):
     """The newest known state of a provider payment or refund (Dodo `payment.*`, `refund.*`)."""
 
     __tablename__ = "provider_payments"
-    __table_args__ = (UniqueConstraint("provider", "object_id"), Index("ix_provider_payments_customer_id", "customer_id"))
+    __table_args__ = (
+        UniqueConstraint("provider", "object_id"),
+        Index("ix_provider_payments_customer_id", "customer_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     provider: Mapped[str] = mapped_column(String(16))

@@ -23,6 +23,8 @@ from app.db import Database
 from app.inbox import processing, store
 from app.ledger.service import expire_all_due
 from app.metering import service as metering
+from app.reconciliation import service as reconciliation
+from app.times import utcnow
 
 EVENTS_QUEUE = "tally-events"
 USAGE_QUEUE = "tally-usage"
@@ -39,6 +41,7 @@ class Jobs:
     sweep_inbox: dramatiq.Actor[[], None]
     sweep_usage_events: dramatiq.Actor[[], None]
     expire_periods: dramatiq.Actor[[], None]
+    reconcile_nightly: dramatiq.Actor[[str], None]
 
     def enqueue_events(self, inbox_event_ids: list[int]) -> None:
         """The doorbell for stored inbox events: one message for a batch."""
@@ -64,15 +67,10 @@ def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
     jobs: Jobs
 
     def apply_inbox_events(inbox_event_ids: list[int]) -> None:
-        """Each event in its own transaction; a retryable failure retries the message (done ones are no-ops)."""
-        failures = []
-        for inbox_event_id in inbox_event_ids:
-            try:
-                processing.apply_event(db, settings.catalogue, inbox_event_id, max_attempts=settings.max_attempts)
-            except processing.RetryableFailure as failure:
-                failures.append(failure)
-        if failures:
-            raise failures[0]
+        """One transaction for the batch; a failed event retries the message (the applied ones are no-ops)."""
+        outcome = processing.apply_events(db, settings.catalogue, inbox_event_ids, max_attempts=settings.max_attempts)
+        if outcome.retry:
+            raise processing.RetryableFailure(f"inbox events {outcome.retry} will be retried")
 
     def apply_usage_events(usage_event_ids: list[int]) -> None:
         """Refusals are recorded on the events; other errors retry."""
@@ -88,6 +86,10 @@ def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
         with db.write() as session:
             expire_all_due(session)
 
+    def reconcile_nightly(date: str) -> None:
+        """The nightly run for `date`: its (provider, date) row makes a second delivery a no-op."""
+        reconciliation.reconcile_scheduled(db, settings, date)
+
     def declare(fn: Callable[..., None], queue: str, **options: Any) -> Any:
         return dramatiq.actor(broker=broker, actor_name=fn.__name__, queue_name=queue, **options)(fn)
 
@@ -98,25 +100,35 @@ def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
         sweep_inbox=declare(sweep_inbox, MAINTENANCE_QUEUE, max_retries=0),
         sweep_usage_events=declare(sweep_usage_events, MAINTENANCE_QUEUE, max_retries=0),
         expire_periods=declare(expire_periods, MAINTENANCE_QUEUE, max_retries=3),
+        # A long job (50,000 objects at the rate limit take minutes): no retry, the row says how it ended.
+        reconcile_nightly=declare(reconcile_nightly, MAINTENANCE_QUEUE, max_retries=0, time_limit=6 * 3600 * 1000),
     )
     return jobs
 
 
-def schedule(scheduler: BaseScheduler, jobs: Jobs) -> BaseScheduler:
+def schedule(scheduler: BaseScheduler, jobs: Jobs, reconcile_at: str = "03:00") -> BaseScheduler:
     """The clock's timetable. It does no work itself: it sends messages, and workers do the work."""
+    hour, minute = (int(part) for part in reconcile_at.split(":"))
+
+    def send_reconcile() -> None:
+        jobs.reconcile_nightly.send(utcnow().date().isoformat())
+
+    scheduler.add_job(
+        send_reconcile, "cron", hour=hour, minute=minute, id="reconcile", coalesce=True, misfire_grace_time=3600
+    )
     scheduler.add_job(jobs.sweep_inbox.send, "interval", seconds=30, id="sweep-inbox", coalesce=True)
     scheduler.add_job(jobs.expire_periods.send, "interval", seconds=60, id="expire-periods", coalesce=True)
     scheduler.add_job(jobs.sweep_usage_events.send, "interval", seconds=30, id="sweep-usage", coalesce=True)
     return scheduler
 
 
-def run_clock(jobs: Jobs) -> None:
+def run_clock(jobs: Jobs, reconcile_at: str = "03:00") -> None:
     """The `clock` process."""
-    schedule(BlockingScheduler(timezone="UTC"), jobs).start()
+    schedule(BlockingScheduler(timezone="UTC"), jobs, reconcile_at).start()
 
 
-def start_clock_in_background(jobs: Jobs) -> BaseScheduler:
+def start_clock_in_background(jobs: Jobs, reconcile_at: str = "03:00") -> BaseScheduler:
     """The clock inside `tally serve` on the embedded default."""
-    scheduler = schedule(BackgroundScheduler(timezone="UTC", daemon=True), jobs)
+    scheduler = schedule(BackgroundScheduler(timezone="UTC", daemon=True), jobs, reconcile_at)
     scheduler.start()
     return scheduler

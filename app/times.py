@@ -36,7 +36,7 @@ def parse_instant(value: object) -> datetime:
     head, dot, rest = text.partition(".")
     if dot:  # Python reads at most 6 fractional digits
         digits = len(rest) - len(rest.lstrip("0123456789"))
-        text = f"{head}.{rest[:min(digits, 6)]}{rest[digits:]}"
+        text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

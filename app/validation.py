@@ -14,14 +14,16 @@ raise their own domain error with it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, ValidationError
+from pydantic_core import ErrorDetails
 
 from app.ledger.amounts import AmountError, parse_decimal
-from app.times import InvalidInstant, parse_instant
+from app.times import from_unix, parse_instant
 
 MAX_ID_LENGTH = 255
 
@@ -41,15 +43,6 @@ def _identifier(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be blank")
     return storable(text)
-
-
-def _instant(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return parse_instant(value.isoformat())
-    try:
-        return parse_instant(value)
-    except InvalidInstant as error:
-        raise ValueError(str(error)) from None
 
 
 def _decimal(value: Any) -> Decimal:
@@ -72,27 +65,67 @@ def _scalar(value: Any) -> str | int | float | bool:
 Text = Annotated[str, Field(strict=True), AfterValidator(storable)]
 """Any storable string; add `Field(max_length=…)` beside it where a column bounds it."""
 Identifier = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ID_LENGTH), AfterValidator(_identifier)]
-Instant = Annotated[datetime, BeforeValidator(_instant)]
+Instant = Annotated[datetime, PlainValidator(parse_instant)]
+"""ISO 8601 text (naive means UTC), by the one rule of `app.times`."""
+UnixInstant = Annotated[datetime, PlainValidator(from_unix)]
+"""Whole unix seconds (Stripe's timestamps), refused when out of the representable range."""
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+"""An integer stored in an INTEGER column: anything wider would fail in the database, and be retried."""
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+"""An integer stored in a BIGINT column."""
 Amount = Annotated[Decimal, BeforeValidator(_decimal)]
 """A decimal string or integer, exactly; floats are refused (they are already inexact)."""
 Scalar = Annotated[str | int | float | bool, PlainValidator(_scalar)]
 """A metadata value: a string, a finite number or a boolean, as JSON gives it."""
 
 
-def location(loc: tuple[int | str, ...], root: str = "") -> str:
+MAX_REPORTED = 5
+
+_MESSAGES = {
+    "missing": "is required",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "dict_type": "must be an object",
+    "list_type": "must be a list",
+    "string_type": "must be a string",
+    "string_too_short": "must be a non-empty string",
+    "bool_type": "must be true or false",
+    "int_type": "must be an integer",
+}
+
+
+def where(loc: tuple[int | str, ...], root: str = "") -> str:
     """`events[3].metadata.tokens` from pydantic's ('events', 3, 'metadata', 'tokens')."""
-    text = root
+    path = root
     for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text or "the body"
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else part
+    return path or "the body"
+
+
+def what(error: ErrorDetails) -> str:
+    context: dict[str, Any] = error.get("ctx") or {}
+    kind = error["type"]
+    if kind == "value_error":  # raised by our own validators: their message is the one to show
+        return str(context["error"])
+    if kind == "literal_error":
+        return f"must be {context['expected']}"
+    if kind == "greater_than_equal":
+        return f"must be at least {context['ge']}"
+    if kind == "less_than_equal":
+        return f"must be at most {context['le']}"
+    if kind == "string_too_long":
+        return f"must be at most {context['max_length']} characters"
+    return _MESSAGES.get(kind) or error["msg"]
+
+
+def describe(errors: Sequence[ErrorDetails], root: str = "") -> str:
+    """`where: what` for each problem (the first few), in one line."""
+    problems = [f"{where(error['loc'], root)}: {what(error)}" for error in errors[:MAX_REPORTED]]
+    if len(errors) > MAX_REPORTED:
+        problems.append(f"and {len(errors) - MAX_REPORTED} more")
+    return "; ".join(problems)
 
 
 def problem(error: ValidationError, root: str = "") -> str:
-    """The first problem of a validation error, as one line naming the field."""
-    first = error.errors(include_url=False, include_input=False)[0]
-    loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and part.startswith("function-")))
-    message = str(first["msg"]).removeprefix("Value error, ")
-    return f"{location(loc, root)}: {message}"
+    """A validation error as one line naming each field."""
+    return describe(error.errors(include_url=False, include_input=False), root)

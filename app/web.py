@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
+from app.api import admin as admin_routes
 from app.api import credits as credit_routes
 from app.api import metering as metering_routes
 from app.api import usage as usage_routes
@@ -93,9 +94,10 @@ def create_app(
         worker = scheduler = None
         if run_workers:
             worker = start_inprocess_worker(jobs.broker, settings.worker_threads)
-            scheduler = start_clock_in_background(jobs)
-            log.info("in-process broker: %s worker threads and the clock run inside this process",
-                     settings.worker_threads)
+            scheduler = start_clock_in_background(jobs, settings.reconcile_at)
+            log.info(
+                "in-process broker: %s worker threads and the clock run inside this process", settings.worker_threads
+            )
         try:
             yield
         finally:
@@ -113,6 +115,7 @@ def create_app(
             *usage_routes.routes,
             *credit_routes.routes,
             *metering_routes.routes,
+            *admin_routes.routes,
             Route("/healthz", healthz, include_in_schema=False),
             Route("/readyz", readyz, include_in_schema=False),
             Route("/metrics", metrics, include_in_schema=False),

@@ -56,11 +56,13 @@ ROUTES = {
 def configure_env() -> str:
     """The server's and this process's settings; returns the database URL."""
     url = os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/tally_bench_reads")
-    os.environ.update({
-        "DATABASE_URL": url,
-        "TALLY_API_KEYS": SERVICE_TOKEN,
-        "TALLY_PLANS": str(ROOT / "tests" / "fixtures" / "plans.toml"),
-    })
+    os.environ.update(
+        {
+            "DATABASE_URL": url,
+            "TALLY_API_KEYS": SERVICE_TOKEN,
+            "TALLY_PLANS": str(ROOT / "tests" / "fixtures" / "plans.toml"),
+        }
+    )
     for name in ("REDIS_URL", "BROKER_URL"):
         os.environ.pop(name, None)
     return url
@@ -125,12 +127,31 @@ def prepare_database(url: str) -> None:
         customer, sub_id = f"cus_bench_{n}", f"sub_bench_{n}"
         with db.write() as session:
             snapshot = SubscriptionSnapshot(
-                id=sub_id, provider="stripe", customer_id=customer, status="active", product_id="prod_123",
-                price_id="price_123", quantity=1, period_start=start, period_end=end, cancel_at_period_end=False,
-                canceled_at=None, ended_at=None, plan_key=plan.key)
+                id=sub_id,
+                provider="stripe",
+                customer_id=customer,
+                status="active",
+                product_id="prod_123",
+                price_id="price_123",
+                quantity=1,
+                period_start=start,
+                period_end=end,
+                cancel_at_period_end=False,
+                canceled_at=None,
+                ended_at=None,
+                plan_key=plan.key,
+            )
             apply_subscription_snapshot(session, snapshot, Watermark(at=1, rank=0, event_id=f"evt_{sub_id}"))
-            open_plan_period(session, settings.catalogue, plan, customer_id=customer, subscription_id=sub_id,
-                             start=start, end=end, source=Source())
+            open_plan_period(
+                session,
+                settings.catalogue,
+                plan,
+                customer_id=customer,
+                subscription_id=sub_id,
+                start=start,
+                end=end,
+                source=Source(),
+            )
             balance = lock_balance(session, customer, settings.catalogue.entitlement_for(plan).id)
             deduct(session, balance, 1000 + 400 * n, source=Source(dedupe_key=f"usage:{sub_id}"), now=start)
     db.dispose()
@@ -170,12 +191,14 @@ def run_wrk(url: str, token: str, duration: int, server_pid: int | None = None) 
     cpu_before = process_cpu_seconds(server_pid) if server_pid else 0.0
     output = subprocess.run(
         ["wrk", "-t1", "-c32", f"-d{duration}s", "--latency", "-H", f"Authorization: Bearer {token}", url],
-        capture_output=True, text=True, check=True).stdout
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
-    errors = " ".join(line.strip() for line in output.splitlines()
-                      if "Non-2xx" in line or "Socket errors" in line)
+    errors = " ".join(line.strip() for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line)
     requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     cpu = (process_cpu_seconds(server_pid) - cpu_before) / max(requests, 1) * 1e6 if server_pid else 0.0
     return WrkResult(rate, p50, p99, errors, cpu)
@@ -206,7 +229,7 @@ class _Connection(asyncio.Protocol):
         if len(self.buffer) < head_end + 4 + length:
             return
         status = int(head[9:12])
-        self.buffer = self.buffer[head_end + 4 + length:]
+        self.buffer = self.buffer[head_end + 4 + length :]
         waiter, self.waiter = self.waiter, None
         waiter.set_result(status)
 
@@ -232,12 +255,17 @@ class PacedResult:
     bad_statuses: dict[int, int] = field(default_factory=dict)
 
 
-async def _paced(port: int, paths: dict[str, str], token: str, rate: float, seconds: float, connections: int,
-                 slice_seconds: float) -> dict[str, PacedResult]:
+async def _paced(
+    port: int, paths: dict[str, str], token: str, rate: float, seconds: float, connections: int, slice_seconds: float
+) -> dict[str, PacedResult]:
     """`rate` req/s open-loop over `connections`, `seconds` per route, the routes taking turns every slice."""
     loop = asyncio.get_running_loop()
-    raws = {name: (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
-                   f"Accept: */*\r\n\r\n").encode() for name, path in paths.items()}
+    raws = {
+        name: (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nAccept: */*\r\n\r\n"
+        ).encode()
+        for name, path in paths.items()
+    }
     names = list(paths)
     idle: asyncio.Queue[_Connection] = asyncio.Queue()
     for _ in range(connections):
@@ -287,14 +315,20 @@ async def _paced(port: int, paths: dict[str, str], token: str, rate: float, seco
     for name in names:
         ordered = sorted(latencies[name])
         results[name] = PacedResult(
-            sent=len(ordered), achieved_rate=total / wall, p50_ms=ordered[len(ordered) // 2] * 1000,
-            p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, max_ms=ordered[-1] * 1000,
-            client_cpu=cpu / wall, bad_statuses=bad[name])
+            sent=len(ordered),
+            achieved_rate=total / wall,
+            p50_ms=ordered[len(ordered) // 2] * 1000,
+            p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+            max_ms=ordered[-1] * 1000,
+            client_cpu=cpu / wall,
+            bad_statuses=bad[name],
+        )
     return results
 
 
-def run_paced(port: int, paths: dict[str, str], token: str, rate: float, seconds: float,
-              slice_seconds: float = 0.5) -> dict[str, PacedResult]:
+def run_paced(
+    port: int, paths: dict[str, str], token: str, rate: float, seconds: float, slice_seconds: float = 0.5
+) -> dict[str, PacedResult]:
     try:
         import uvloop
 
@@ -317,8 +351,9 @@ def _wait_until_up(port: int, token: str) -> None:
 
     for _ in range(200):
         try:
-            answer = httpx.get(f"http://127.0.0.1:{port}{ROUTES['usage']}", timeout=2,
-                               headers={"Authorization": f"Bearer {token}"})
+            answer = httpx.get(
+                f"http://127.0.0.1:{port}{ROUTES['usage']}", timeout=2, headers={"Authorization": f"Bearer {token}"}
+            )
             if answer.status_code != 200:
                 raise SystemExit(f"GET /usage answered {answer.status_code}: {answer.text}")
             return
@@ -334,9 +369,24 @@ def profile(pid: int, url: str, token: str, seconds: int, route: str) -> None:
     out.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # --gil: only the thread holding the GIL, i.e. where this process spends CPU (waits are not work).
-    recorder = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200",
-                                 "--gil", "--nonblocking", "--format", "raw",
-                                 "--output", str(out / f"{route}-{stamp}.txt")])
+    recorder = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            "200",
+            "--gil",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(out / f"{route}-{stamp}.txt"),
+        ]
+    )
     time.sleep(0.5)
     result = run_wrk(url, token, seconds)
     recorder.wait()
@@ -363,8 +413,23 @@ def main() -> int:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench.reads:server", "--factory", "--host", "127.0.0.1", "--port",
-         str(port), "--log-level", "warning", "--no-access-log"], env=env, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.reads:server",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+        cwd=ROOT,
+    )
     routes = [name for name in args.routes.split(",") if name]
     saturated: dict[str, list[WrkResult]] = {name: [] for name in routes}
     paced: dict[str, list[PacedResult]] = {name: [] for name in routes}
@@ -399,13 +464,17 @@ def main() -> int:
         cpu = statistics.median(r.server_cpu_us for r in saturated[name])
         rounds = ""
         if bare_rate and args.rounds > 1:  # each round's ratio against the bare GET of the same round
-            rounds = "  rounds: " + ", ".join(f"{r.rate / b.rate:.2f}" for r, b in zip(saturated[name],
-                                                                                       saturated["bare"], strict=True))
-        print(f"  {name:<8} {rate:8.0f} req/s  ratio to bare {ratio}  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
-              f"  server CPU {cpu:6.1f} us/request{rounds}"
-              + (f"  [{errors}]" if errors else ""))
-    print(f"paced: {args.rate:.0f} req/s over 32 connections, {args.paced_seconds:.0f} s per route in turns of 0.5 s"
-          " (median of rounds)")
+            rounds = "  rounds: " + ", ".join(
+                f"{r.rate / b.rate:.2f}" for r, b in zip(saturated[name], saturated["bare"], strict=True)
+            )
+        print(
+            f"  {name:<8} {rate:8.0f} req/s  ratio to bare {ratio}  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+            f"  server CPU {cpu:6.1f} us/request{rounds}" + (f"  [{errors}]" if errors else "")
+        )
+    print(
+        f"paced: {args.rate:.0f} req/s over 32 connections, {args.paced_seconds:.0f} s per route in turns of 0.5 s"
+        " (median of rounds)"
+    )
     bare_p99 = statistics.median(r.p99_ms for r in paced["bare"]) if "bare" in paced else None
     for name in routes:
         results = paced[name]
@@ -415,10 +484,12 @@ def main() -> int:
         bad = {k: v for r in results for k, v in r.bad_statuses.items()}
         worst = max(r.max_ms for r in results)
         achieved = statistics.median(r.achieved_rate for r in results)
-        print(f"  {name:<8} {sum(r.sent for r in results):6d} requests at {achieved:5.0f}/s  "
-              f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  (p99 - bare {delta})  max {worst:6.1f} ms"
-              f"  client CPU {statistics.median(r.client_cpu for r in results) * 100:4.0f} %"
-              + (f"  non-200: {bad}" if bad else ""))
+        print(
+            f"  {name:<8} {sum(r.sent for r in results):6d} requests at {achieved:5.0f}/s  "
+            f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  (p99 - bare {delta})  max {worst:6.1f} ms"
+            f"  client CPU {statistics.median(r.client_cpu for r in results) * 100:4.0f} %"
+            + (f"  non-200: {bad}" if bad else "")
+        )
     return 0
 
 

@@ -7,7 +7,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-import app.metering.models  # noqa: F401  (registers the metering tables)
+import app.metering.models  # registers the metering tables
+import app.reconciliation.models  # noqa: F401  (and the reconciliation tables)
 from app.config import get_settings
 from app.models import Base
 

@@ -21,17 +21,17 @@ import pytest
 HERE = Path(__file__).resolve().parent
 _tmp = tempfile.mkdtemp(prefix="tally-tests-")
 os.environ.setdefault("DATABASE_URL", f"sqlite:///{_tmp}/tally.db")
-os.environ.update({
-    "STRIPE_WEBHOOK_SECRET": "whsec_old_rotated_secret,whsec_current_test_secret",
-    "TALLY_API_KEYS": "test-service-token-0123456789",
-    "TALLY_PLANS": str(HERE / "fixtures" / "plans.toml"),
-    "TALLY_MAX_ATTEMPTS": "4",
-    "TALLY_RETRY_MIN_BACKOFF_MS": "20",
-    "TALLY_RETRY_MAX_BACKOFF_MS": "100",
-    "TALLY_SWEEP_AFTER_SECONDS": "1",
-})
-
-from dataclasses import replace  # noqa: E402
+os.environ.update(
+    {
+        "STRIPE_WEBHOOK_SECRET": "whsec_old_rotated_secret,whsec_current_test_secret",
+        "TALLY_API_KEYS": "test-service-token-0123456789",
+        "TALLY_PLANS": str(HERE / "fixtures" / "plans.toml"),
+        "TALLY_MAX_ATTEMPTS": "4",
+        "TALLY_RETRY_MIN_BACKOFF_MS": "20",
+        "TALLY_RETRY_MAX_BACKOFF_MS": "100",
+        "TALLY_SWEEP_AFTER_SECONDS": "1",
+    }
+)
 
 import dramatiq  # noqa: E402
 import httpx  # noqa: E402
@@ -124,8 +124,9 @@ class LiveServer:
 
     def __init__(self, app: Any):
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -160,7 +161,7 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def dodo_server(db: Database) -> Iterator[LiveServer]:
-    settings = replace(get_settings(), dodo_webhook_keys=(DODO_OLD_KEY, DODO_KEY))
+    settings = get_settings().model_copy(update={"dodo_webhook_keys": (DODO_OLD_KEY, DODO_KEY)})
     with LiveServer(create_app(settings, jobs=JOBS, run_workers=False)) as live:
         yield live
 

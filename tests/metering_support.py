@@ -24,19 +24,38 @@ def new_customer(db: Database, prefix: str = "cus") -> str:
     return customer_id
 
 
-def post_entry(db: Database, entitlement_id: str, customer_id: str, entry_type: str, amount: str, *,
-               key: str | None = None, now: datetime | None = None, **extra: Any) -> tuple[int, dict[str, Any]]:
+def post_entry(
+    db: Database,
+    entitlement_id: str,
+    customer_id: str,
+    entry_type: str,
+    amount: str,
+    *,
+    key: str | None = None,
+    now: datetime | None = None,
+    **extra: Any,
+) -> tuple[int, dict[str, Any]]:
     """The write API's service, called and answered as the route does: (status, body)."""
-    request = entries.parse_entry_request({"entry_type": entry_type, "amount": amount,
-                                           "idempotency_key": key or uuid.uuid4().hex, **extra})
-    return entry_answer(entries.create_ledger_entry(db, get_settings().catalogue, entitlement_id=entitlement_id,
-                                                    customer_id=customer_id, request=request, now=now or utcnow()))
+    request = entries.parse_entry_request(
+        {"entry_type": entry_type, "amount": amount, "idempotency_key": key or uuid.uuid4().hex, **extra}
+    )
+    return entry_answer(
+        entries.create_ledger_entry(
+            db,
+            get_settings().catalogue,
+            entitlement_id=entitlement_id,
+            customer_id=customer_id,
+            request=request,
+            now=now or utcnow(),
+        )
+    )
 
 
 def balance_of(db: Database, customer_id: str, entitlement_id: str) -> Balance | None:
     with db.read() as session:
-        return session.execute(select(Balance).where(Balance.customer_id == customer_id,
-                                                     Balance.entitlement_id == entitlement_id)).scalar_one_or_none()
+        return session.execute(
+            select(Balance).where(Balance.customer_id == customer_id, Balance.entitlement_id == entitlement_id)
+        ).scalar_one_or_none()
 
 
 def entry_count(db: Database, **where: Any) -> int:

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("app.billing",),
     ("app.providers", "app.metering"),
     ("app.inbox",),
+    ("app.reconciliation",),
     ("app.queue", "app.tasks"),
     ("app.api",),
     ("app.web", "app.cli"),
@@ -79,11 +80,18 @@ def test_http_stays_in_the_api_layer(name, tree):
     raised = [node.exc for node in ast.walk(tree) if isinstance(node, ast.Raise) and node.exc is not None]
     called = [node.func for node in raised if isinstance(node, ast.Call)]
     names = {func.id for func in called if isinstance(func, ast.Name)} | {
-        func.attr for func in called if isinstance(func, ast.Attribute)}
+        func.attr for func in called if isinstance(func, ast.Attribute)
+    }
     assert names & HTTP_NAMES == set()
-    statuses = [node.args[0].value for node in raised if isinstance(node, ast.Call) and node.args
-                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, int)
-                and 100 <= node.args[0].value < 600]
+    statuses = [
+        node.args[0].value
+        for node in raised
+        if isinstance(node, ast.Call)
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, int)
+        and 100 <= node.args[0].value < 600
+    ]
     assert statuses == [], f"{name} raises an error built from an HTTP status"
 
 
@@ -94,6 +102,5 @@ def test_layers_import_downwards_and_app_never_imports_workers(name, tree):
         return
     targets = set(imports(tree))
     assert [target for target in targets if within(target, ("workers",))] == []
-    upward = sorted(target for target in targets
-                    if target.startswith("app.") and (layer_of(target) or 0) > own)
+    upward = sorted(target for target in targets if target.startswith("app.") and (layer_of(target) or 0) > own)
     assert upward == [], f"{name} (layer {own}) imports from above it"

@@ -44,54 +44,111 @@ def without_instants(document: dict, *names: str) -> dict:
 
 def test_a_plan_balance_reads_the_same_on_every_route(db, http):
     subscribe(db, "cus_n", "sub_n", used=1234)
-    assert service(http, "/subscriptions/sub_n/credit-usage").json() == {"subscription_id": "sub_n", "items": [{
-        "credit_entitlement_id": "requests", "credit_entitlement_name": "API requests", "unit": "request",
-        "balance": "3766", "overage": "0", "overage_enabled": True, "overage_limit": "1000",
-        "remaining_headroom": "1000", "limit_reached": False}]}
+    assert service(http, "/subscriptions/sub_n/credit-usage").json() == {
+        "subscription_id": "sub_n",
+        "items": [
+            {
+                "credit_entitlement_id": "requests",
+                "credit_entitlement_name": "API requests",
+                "unit": "request",
+                "balance": "3766",
+                "overage": "0",
+                "overage_enabled": True,
+                "overage_limit": "1000",
+                "remaining_headroom": "1000",
+                "limit_reached": False,
+            }
+        ],
+    }
 
     balance = service(http, "/credit-entitlements/requests/balances/cus_n").json()
     assert without_instants(balance, "created_at", "updated_at") == {
-        "id": "1", "customer_id": "cus_n", "credit_entitlement_id": "requests", "balance": "3766", "overage": "0",
-        "last_transaction_at": "2026-06-01T00:00:00Z"}
+        "id": "1",
+        "customer_id": "cus_n",
+        "credit_entitlement_id": "requests",
+        "balance": "3766",
+        "overage": "0",
+        "last_transaction_at": "2026-06-01T00:00:00Z",
+    }
 
     entries = service(http, "/credit-entitlements/requests/balances/cus_n/ledger").json()["items"]
     # Newest first: the grant was written now, the deduction is dated at the period's start.
     assert [without_instants(entry, "created_at") for entry in entries] == [
-        {"id": "1", "credit_entitlement_id": "requests", "customer_id": "cus_n", "transaction_type": "credit_added",
-         "is_credit": True, "amount": "5000", "balance_before": "0", "balance_after": "5000",
-         "overage_before": "0", "overage_after": "0", "grant_id": "1", "description": None, "reference_type": None,
-         "reference_id": None, "metadata": {}, "brand_id": "", "business_id": ""},
-        {"id": "2", "credit_entitlement_id": "requests", "customer_id": "cus_n", "transaction_type": "credit_deducted",
-         "is_credit": False, "amount": "1234", "balance_before": "5000", "balance_after": "3766",
-         "overage_before": "0", "overage_after": "0", "grant_id": None, "description": None, "reference_type": None,
-         "reference_id": None, "metadata": {}, "brand_id": "", "business_id": ""},
+        {
+            "id": "1",
+            "credit_entitlement_id": "requests",
+            "customer_id": "cus_n",
+            "transaction_type": "credit_added",
+            "is_credit": True,
+            "amount": "5000",
+            "balance_before": "0",
+            "balance_after": "5000",
+            "overage_before": "0",
+            "overage_after": "0",
+            "grant_id": "1",
+            "description": None,
+            "reference_type": None,
+            "reference_id": None,
+            "metadata": {},
+            "brand_id": "",
+            "business_id": "",
+        },
+        {
+            "id": "2",
+            "credit_entitlement_id": "requests",
+            "customer_id": "cus_n",
+            "transaction_type": "credit_deducted",
+            "is_credit": False,
+            "amount": "1234",
+            "balance_before": "5000",
+            "balance_after": "3766",
+            "overage_before": "0",
+            "overage_after": "0",
+            "grant_id": None,
+            "description": None,
+            "reference_type": None,
+            "reference_id": None,
+            "metadata": {},
+            "brand_id": "",
+            "business_id": "",
+        },
     ]
     added = service(http, "/credit-entitlements/requests/balances/cus_n/ledger", transaction_type="credit_added")
     assert [entry["id"] for entry in added.json()["items"]] == ["1"]
     later = service(http, "/credit-entitlements/requests/balances/cus_n/ledger", start_date="2099-01-01T00:00:00Z")
     assert later.json() == {"items": []}
 
-    assert service(http, "/credits", customer_id="cus_n").json() == {"data": {"total_credits": 5000,
-                                                                             "total_usage": 1234}}
+    assert service(http, "/credits", customer_id="cus_n").json() == {
+        "data": {"total_credits": 5000, "total_usage": 1234}
+    }
 
 
 def test_credits_of_a_customer_without_balances_are_zero(db, http):
     with db.write() as session:
         apply_subscription_snapshot(session, _snapshot("cus_bare", "sub_bare", "active", JUNE), _mark("sub_bare"))
-    assert service(http, "/credits", customer_id="cus_bare").json() == {"data": {"total_credits": 0,
-                                                                                "total_usage": 0}}
-    assert service(http, "/subscriptions/sub_bare/credit-usage").json() == {"subscription_id": "sub_bare",
-                                                                           "items": []}
+    assert service(http, "/credits", customer_id="cus_bare").json() == {"data": {"total_credits": 0, "total_usage": 0}}
+    assert service(http, "/subscriptions/sub_bare/credit-usage").json() == {"subscription_id": "sub_bare", "items": []}
 
 
 # --- GET /usage: which subscription speaks for the customer ---------------------------------------
 
 
 def _snapshot(customer: str, sub_id: str, status: str, start: datetime | None) -> SubscriptionSnapshot:
-    return SubscriptionSnapshot(id=sub_id, provider="stripe", customer_id=customer, status=status,
-                                product_id="prod_123", price_id="price_123", quantity=1, period_start=start,
-                                period_end=None if start is None else start + timedelta(days=30),
-                                cancel_at_period_end=False, canceled_at=None, ended_at=None, plan_key="basic")
+    return SubscriptionSnapshot(
+        id=sub_id,
+        provider="stripe",
+        customer_id=customer,
+        status=status,
+        product_id="prod_123",
+        price_id="price_123",
+        quantity=1,
+        period_start=start,
+        period_end=None if start is None else start + timedelta(days=30),
+        cancel_at_period_end=False,
+        canceled_at=None,
+        ended_at=None,
+        plan_key="basic",
+    )
 
 
 def _mark(sub_id: str) -> Watermark:
@@ -106,15 +163,23 @@ def _current(db: Database, customer: str, subscriptions: list[tuple[str, str, da
 
 
 def test_a_live_subscription_speaks_before_a_newer_canceled_one(db):
-    document = _current(db, "cus_l", [("sub_l_old_live", "past_due", JUNE - timedelta(days=60)),
-                                      ("sub_l_new_dead", "canceled", JUNE)])
+    document = _current(
+        db, "cus_l", [("sub_l_old_live", "past_due", JUNE - timedelta(days=60)), ("sub_l_new_dead", "canceled", JUNE)]
+    )
     assert (document["plan_ids"]["subscription_id"], document["status"]) == ("sub_l_old_live", "past_due")
     assert document["usage_status"] == "ok" and document["credits"]["included"] == 0  # no balance: zeroed
 
 
 def test_among_the_same_kind_the_newest_period_speaks_and_no_period_comes_last(db):
-    document = _current(db, "cus_d", [("sub_d_old", "canceled", JUNE - timedelta(days=60)),
-                                      ("sub_d_new", "canceled", JUNE), ("sub_d_none", "canceled", None)])
+    document = _current(
+        db,
+        "cus_d",
+        [
+            ("sub_d_old", "canceled", JUNE - timedelta(days=60)),
+            ("sub_d_new", "canceled", JUNE),
+            ("sub_d_none", "canceled", None),
+        ],
+    )
     assert (document["plan_ids"]["subscription_id"], document["usage_status"]) == ("sub_d_new", "inactive")
     assert document["period"]["start"] == "2026-06-01T00:00:00Z"  # the subscription's own period
 
@@ -134,8 +199,13 @@ def test_the_subscriptions_balance_gives_the_period_and_unit(db):
 def test_every_read_answers_503_when_the_database_is_down(db):
     dead = Database("postgresql+psycopg://postgres@127.0.0.1:1/test")
     app = create_app(get_settings(), db=dead, jobs=JOBS, run_workers=False)
-    paths = ["/usage?customer_id=cus_x", "/credits?customer_id=cus_x", "/subscriptions/sub_x/credit-usage",
-             "/credit-entitlements/requests/balances/cus_x", "/credit-entitlements/requests/balances/cus_x/ledger"]
+    paths = [
+        "/usage?customer_id=cus_x",
+        "/credits?customer_id=cus_x",
+        "/subscriptions/sub_x/credit-usage",
+        "/credit-entitlements/requests/balances/cus_x",
+        "/credit-entitlements/requests/balances/cus_x/ledger",
+    ]
     with LiveServer(app) as live, httpx.Client(base_url=live.url) as client:
         for path in paths:
             response = client.get(path, headers={"Authorization": f"Bearer {SERVICE_TOKEN}"})
@@ -165,6 +235,7 @@ def test_cache_entries_live_at_most_the_ttl_known_or_unknown():
             async def lookup() -> KeyScope | None:
                 looked_up.append(token_hash)
                 return scope
+
             return lookup
 
         known, unknown = lookup_of("known", KeyScope("customer", "cus_1")), lookup_of("unknown", None)
@@ -246,8 +317,9 @@ def test_a_revoked_token_stops_working_within_a_second(db, http):
     headers = {"Authorization": f"Bearer {token}"}
     assert http.get("/usage", headers=headers).status_code == 200
     with db.write() as session:
-        session.execute(update(ApiKey).where(ApiKey.token_hash == hash_token(token))
-                        .values(revoked_at=datetime.now(UTC)))
+        session.execute(
+            update(ApiKey).where(ApiKey.token_hash == hash_token(token)).values(revoked_at=datetime.now(UTC))
+        )
     revoked_at = time.monotonic()
     while True:  # any request sent more than a second after the revocation must be refused
         sent = time.monotonic()

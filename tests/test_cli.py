@@ -17,8 +17,9 @@ from app.models import ApiKey, Balance, InboxEvent
 
 
 def tally(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=dict(os.environ), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], env=dict(os.environ), capture_output=True, text=True, timeout=120
+    )
 
 
 def test_keys_are_printed_once_and_stored_hashed(db):
@@ -34,8 +35,14 @@ def test_keys_are_printed_once_and_stored_hashed(db):
 
 def test_events_list_show_and_verify(db, http, worker):
     now = int(time.time())
-    deliver(http, event("evt_cli", "customer.subscription.created",
-                        subscription_object("sub_cli", "cus_cli", "active", now, now + 86400)))
+    deliver(
+        http,
+        event(
+            "evt_cli",
+            "customer.subscription.created",
+            subscription_object("sub_cli", "cus_cli", "active", now, now + 86400),
+        ),
+    )
     deliver(http, event("evt_cli_bad", "customer.subscription.updated", {"id": "sub_x", "status": "??"}))
 
     def done() -> bool:

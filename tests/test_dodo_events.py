@@ -32,8 +32,9 @@ def statuses(db) -> dict[str, str]:
 
 @pytest.mark.broker
 def test_twenty_parallel_deliveries_of_one_event_have_one_effect(db, dodo_http, worker):
-    payload = ledger_entry("cle_par", "cus_par", "cde_calls", "credit_added", "250.00", ("0", "0"), ("250.00", "0"),
-                           "2026-03-01T00:00:00Z")
+    payload = ledger_entry(
+        "cle_par", "cus_par", "cde_calls", "credit_added", "250.00", ("0", "0"), ("250.00", "0"), "2026-03-01T00:00:00Z"
+    )
     results: list[int] = []
     duplicates: list[bool] = []
     barrier = threading.Barrier(20)
@@ -60,8 +61,9 @@ def test_twenty_parallel_deliveries_of_one_event_have_one_effect(db, dodo_http, 
 
 @pytest.mark.broker
 def test_parallel_deliveries_of_one_ledger_entry_under_different_webhook_ids(db, dodo_http, worker):
-    payload = ledger_entry("cle_par2", "cus_par2", "cde_calls", "credit_added", "5", ("0", "0"), ("5", "0"),
-                           "2026-03-01T00:00:00Z")
+    payload = ledger_entry(
+        "cle_par2", "cus_par2", "cde_calls", "credit_added", "5", ("0", "0"), ("5", "0"), "2026-03-01T00:00:00Z"
+    )
     threads = [threading.Thread(target=deliver, args=(dodo_http, payload, f"msg_p2_{index}")) for index in range(10)]
     for thread in threads:
         thread.start()
@@ -75,11 +77,15 @@ def test_parallel_deliveries_of_one_ledger_entry_under_different_webhook_ids(db,
 
 @pytest.mark.broker
 def test_a_subscription_stores_its_period_cart_and_meters(db, dodo_http, worker):
-    cart = [cart_line("cde_calls", name="API Calls", unit="calls", overage_limit="100.00"),
-            cart_line("cde_tokens", name="Tokens", unit="tokens", credits_amount="5000", overage_enabled=False,
-                      overage_limit=None)]
-    response = deliver(dodo_http, subscription("sub_cart", "cus_cart", cart=cart, cancel_at_next_billing_date=True),
-                       "msg_cart")
+    cart = [
+        cart_line("cde_calls", name="API Calls", unit="calls", overage_limit="100.00"),
+        cart_line(
+            "cde_tokens", name="Tokens", unit="tokens", credits_amount="5000", overage_enabled=False, overage_limit=None
+        ),
+    ]
+    response = deliver(
+        dodo_http, subscription("sub_cart", "cus_cart", cart=cart, cancel_at_next_billing_date=True), "msg_cart"
+    )
     assert response.status_code == 200
     wait_for(lambda: statuses(db) == {"msg_cart": "processed"}, what="the subscription to be applied")
     with db.read() as session:
@@ -96,7 +102,9 @@ def test_a_subscription_stores_its_period_cart_and_meters(db, dodo_http, worker)
         assert (tokens.managed_by, tokens.overage_enabled, tokens.overage_limit) == ("dodo", False, None)
         lines = session.execute(select(SubscriptionCredit).order_by(SubscriptionCredit.entitlement_id)).scalars().all()
         assert [(line.entitlement_id, line.credits_amount, line.overage_limit) for line in lines] == [
-            ("cde_calls", 1000 * 10**10, 100 * 10**10), ("cde_tokens", 5000 * 10**10, None)]
+            ("cde_calls", 1000 * 10**10, 100 * 10**10),
+            ("cde_tokens", 5000 * 10**10, None),
+        ]
         meter = session.execute(select(SubscriptionMeter)).scalar_one()
         assert (meter.meter_id, meter.free_threshold, meter.price_per_unit) == ("mtr_calls", 100, "0.01")
         link = session.execute(select(SubscriptionMeterCredit)).scalar_one()
@@ -110,8 +118,13 @@ def _store_then_apply(db, payload: dict, webhook_id: str, later: int) -> str:
 
 
 def test_a_later_period_wins_whatever_the_arrival_order(db):
-    renewed = subscription("sub_order", "cus_order", start="2026-02-01T00:00:00Z", end="2026-03-01T00:00:00Z",
-                           event_type="subscription.renewed")
+    renewed = subscription(
+        "sub_order",
+        "cus_order",
+        start="2026-02-01T00:00:00Z",
+        end="2026-03-01T00:00:00Z",
+        event_type="subscription.renewed",
+    )
     first = subscription("sub_order", "cus_order", start="2026-01-01T00:00:00Z", end="2026-02-01T00:00:00Z")
     assert _store_then_apply(db, renewed, "msg_o1", 0) == "processed"
     assert _store_then_apply(db, first, "msg_o2", 10) == "processed"  # received later, but an older period
@@ -144,10 +157,20 @@ def test_an_older_snapshot_does_not_replace_the_newer_cart(db):
 
 
 def test_balance_low_is_kept_as_an_alert(db):
-    payload = envelope("credit.balance_low", {
-        "customer_id": "cus_low", "subscription_id": "sub_low", "credit_entitlement_id": "cde_calls",
-        "credit_entitlement_name": "API Calls", "available_balance": "12.50", "subscription_credits_amount": "100",
-        "threshold_percent": 20, "threshold_amount": "20", "brand_id": "bra_test"})
+    payload = envelope(
+        "credit.balance_low",
+        {
+            "customer_id": "cus_low",
+            "subscription_id": "sub_low",
+            "credit_entitlement_id": "cde_calls",
+            "credit_entitlement_name": "API Calls",
+            "available_balance": "12.50",
+            "subscription_credits_amount": "100",
+            "threshold_percent": 20,
+            "threshold_amount": "20",
+            "brand_id": "bra_test",
+        },
+    )
     assert apply_now(db, payload, "msg_low") == "processed"
     assert apply_now(db, payload, "msg_low") == "duplicate"
     with db.read() as session:
@@ -156,14 +179,30 @@ def test_balance_low_is_kept_as_an_alert(db):
 
 
 def test_payments_and_refunds_are_stored_with_their_latest_state(db):
-    payment = {"payment_id": "pay_1", "status": "processing", "total_amount": 1999, "currency": "USD",
-               "customer": {"customer_id": "cus_pay", "email": "a@b.c", "name": "A"}, "subscription_id": "sub_pay",
-               "created_at": "2026-01-01T00:00:00Z"}
-    assert _store_then_apply(db, envelope("payment.succeeded", {**payment, "status": "succeeded"}), "msg_pay2", 10) \
+    payment = {
+        "payment_id": "pay_1",
+        "status": "processing",
+        "total_amount": 1999,
+        "currency": "USD",
+        "customer": {"customer_id": "cus_pay", "email": "a@b.c", "name": "A"},
+        "subscription_id": "sub_pay",
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    assert (
+        _store_then_apply(db, envelope("payment.succeeded", {**payment, "status": "succeeded"}), "msg_pay2", 10)
         == "processed"
+    )
     assert _store_then_apply(db, envelope("payment.processing", payment), "msg_pay1", 0) == "processed"
-    refund = {"refund_id": "ref_1", "payment_id": "pay_1", "status": "succeeded", "amount": 500, "currency": "USD",
-              "customer": {"customer_id": "cus_pay"}, "created_at": "2026-01-02T00:00:00Z", "is_partial": True}
+    refund = {
+        "refund_id": "ref_1",
+        "payment_id": "pay_1",
+        "status": "succeeded",
+        "amount": 500,
+        "currency": "USD",
+        "customer": {"customer_id": "cus_pay"},
+        "created_at": "2026-01-02T00:00:00Z",
+        "is_partial": True,
+    }
     assert apply_now(db, envelope("refund.succeeded", refund), "msg_ref") == "processed"
     with db.read() as session:
         rows = {row.object_id: row for row in session.execute(select(ProviderPayment)).scalars()}
@@ -174,8 +213,9 @@ def test_payments_and_refunds_are_stored_with_their_latest_state(db):
 @pytest.mark.broker
 def test_unknown_types_are_kept_and_malformed_payloads_dead_lettered(db, dodo_http, worker):
     assert deliver(dodo_http, envelope("license_key.created", {"id": "lic_1"}), "msg_unknown").status_code == 200
-    broken = ledger_entry("cle_broken", "cus_broken", "cde_calls", "credit_added", "5", ("0", "0"), ("5", "0"),
-                          "2026-03-01T00:00:00Z")
+    broken = ledger_entry(
+        "cle_broken", "cus_broken", "cde_calls", "credit_added", "5", ("0", "0"), ("5", "0"), "2026-03-01T00:00:00Z"
+    )
     del broken["data"]["balance_after"]
     assert deliver(dodo_http, broken, "msg_broken").status_code == 200
     wait_for(lambda: statuses(db) == {"msg_unknown": "skipped", "msg_broken": "failed"}, what="both settled")
@@ -186,6 +226,7 @@ def test_unknown_types_are_kept_and_malformed_payloads_dead_lettered(db, dodo_ht
 
 
 def test_a_negative_balance_from_the_provider_is_refused(db):
-    payload = ledger_entry("cle_neg", "cus_neg", "cde_calls", "credit_deducted", "5", ("0", "0"), ("-5", "0"),
-                           "2026-03-01T00:00:00Z")
+    payload = ledger_entry(
+        "cle_neg", "cus_neg", "cde_calls", "credit_deducted", "5", ("0", "0"), ("-5", "0"), "2026-03-01T00:00:00Z"
+    )
     assert apply_now(db, payload, "msg_neg") == "failed"

@@ -46,8 +46,9 @@ def dodo_chain(customer: str, operations: list[tuple[str, Decimal, bool]]) -> li
     def add(kind: str, amount: Decimal, new_balance: Decimal, new_overage: Decimal) -> None:
         nonlocal balance, overage
         entry_id = f"cle_{customer}_{len(steps):03d}"
-        payload = ledger_entry(entry_id, customer, CE, kind, amount, (balance, overage), (new_balance, new_overage),
-                               iso(moment))
+        payload = ledger_entry(
+            entry_id, customer, CE, kind, amount, (balance, overage), (new_balance, new_overage), iso(moment)
+        )
         balance, overage = new_balance, new_overage
         steps.append(Step(payload, (balance, overage)))
 
@@ -99,20 +100,31 @@ def test_any_arrival_order_with_duplicates_ends_at_the_ordered_balance(db, opera
     assert (balance.balance, balance.overage) == atoms(steps[-1].after)
     assert balance.entry_count == len(steps)
     with db.read() as session:
-        gaps = session.execute(select(ProviderLedgerEntry).where(
-            ProviderLedgerEntry.balance_id == balance.id, ProviderLedgerEntry.follows_gap.is_(True))).all()
+        gaps = session.execute(
+            select(ProviderLedgerEntry).where(
+                ProviderLedgerEntry.balance_id == balance.id, ProviderLedgerEntry.follows_gap.is_(True)
+            )
+        ).all()
         assert gaps == []
-        positions = session.execute(
-            select(ProviderLedgerEntry.external_id).where(ProviderLedgerEntry.balance_id == balance.id)
-            .order_by(ProviderLedgerEntry.chain_position)).scalars().all()
+        positions = (
+            session.execute(
+                select(ProviderLedgerEntry.external_id)
+                .where(ProviderLedgerEntry.balance_id == balance.id)
+                .order_by(ProviderLedgerEntry.chain_position)
+            )
+            .scalars()
+            .all()
+        )
         assert positions == [step.payload["data"]["id"] for step in steps]
         assert [problem for problem in verify(session) if customer in problem] == []
 
 
 def test_several_seeded_shuffles_of_one_long_sequence_agree(db):
     rng = random.Random(20260301)
-    ops = [(rng.choice(["add", "deduct", "deduct", "reset"]), Decimal(rng.randint(1, 10**12)) * Q,
-            rng.random() < 0.3) for _ in range(60)]
+    ops = [
+        (rng.choice(["add", "deduct", "deduct", "reset"]), Decimal(rng.randint(1, 10**12)) * Q, rng.random() < 0.3)
+        for _ in range(60)
+    ]
     finals = set()
     for seed in range(5):
         customer = f"cus_seed{seed}"
@@ -131,10 +143,16 @@ def test_several_seeded_shuffles_of_one_long_sequence_agree(db):
 
 def test_ordering_depends_only_on_the_set_of_entries():
     moment = BASE
-    links = [Link("b", moment, (10, 0), (5, 0)), Link("a", moment, (5, 0), (10, 0)),
-             Link("c", moment, (10, 0), (7, 0)), Link("d", moment + timedelta(seconds=1), (7, 0), (7, 3))]
-    orders = {tuple(placed.link.key for placed in order_chain(list(perm), start=(10, 0)))
-              for perm in itertools.permutations(links)}
+    links = [
+        Link("b", moment, (10, 0), (5, 0)),
+        Link("a", moment, (5, 0), (10, 0)),
+        Link("c", moment, (10, 0), (7, 0)),
+        Link("d", moment + timedelta(seconds=1), (7, 0), (7, 3)),
+    ]
+    orders = {
+        tuple(placed.link.key for placed in order_chain(list(perm), start=(10, 0)))
+        for perm in itertools.permutations(links)
+    }
     assert len(orders) == 1
     (only,) = orders
     placed = order_chain(links, start=(10, 0))
@@ -143,12 +161,36 @@ def test_ordering_depends_only_on_the_set_of_entries():
 
 def test_ten_decimal_places_are_exact_end_to_end(db, service_headers, http):
     steps = [
-        ledger_entry("cle_exact_1", "cus_exact", CE, "credit_added", "12345678.1234567891",
-                     ("0", "0"), ("12345678.1234567891", "0"), "2026-03-01T00:00:00.000001Z"),
-        ledger_entry("cle_exact_2", "cus_exact", CE, "credit_deducted", "0.0000000001",
-                     ("12345678.1234567891", "0"), ("12345678.123456789", "0"), "2026-03-01T00:00:00.000002Z"),
-        ledger_entry("cle_exact_3", "cus_exact", CE, "overage_charged", "0.3333333333",
-                     ("12345678.123456789", "0"), ("12345678.123456789", "0.3333333333"), "2026-03-01T00:00:01Z"),
+        ledger_entry(
+            "cle_exact_1",
+            "cus_exact",
+            CE,
+            "credit_added",
+            "12345678.1234567891",
+            ("0", "0"),
+            ("12345678.1234567891", "0"),
+            "2026-03-01T00:00:00.000001Z",
+        ),
+        ledger_entry(
+            "cle_exact_2",
+            "cus_exact",
+            CE,
+            "credit_deducted",
+            "0.0000000001",
+            ("12345678.1234567891", "0"),
+            ("12345678.123456789", "0"),
+            "2026-03-01T00:00:00.000002Z",
+        ),
+        ledger_entry(
+            "cle_exact_3",
+            "cus_exact",
+            CE,
+            "overage_charged",
+            "0.3333333333",
+            ("12345678.123456789", "0"),
+            ("12345678.123456789", "0.3333333333"),
+            "2026-03-01T00:00:01Z",
+        ),
     ]
     for index, payload in enumerate(reversed(steps)):
         assert apply_now(db, payload, f"msg_exact_{index}") == "processed"
@@ -160,8 +202,16 @@ def test_ten_decimal_places_are_exact_end_to_end(db, service_headers, http):
 
 
 def test_more_than_ten_decimal_places_dead_letters_the_event(db):
-    payload = ledger_entry("cle_fine", "cus_fine", CE, "credit_added", "0.00000000001", ("0", "0"),
-                           ("0.00000000001", "0"), "2026-03-01T00:00:00Z")
+    payload = ledger_entry(
+        "cle_fine",
+        "cus_fine",
+        CE,
+        "credit_added",
+        "0.00000000001",
+        ("0", "0"),
+        ("0.00000000001", "0"),
+        "2026-03-01T00:00:00Z",
+    )
     assert apply_now(db, payload, "msg_fine") == "failed"
     with db.read() as session:
         event = session.execute(select(InboxEvent)).scalar_one()
@@ -171,12 +221,22 @@ def test_more_than_ten_decimal_places_dead_letters_the_event(db):
 
 def gap_chain(customer: str) -> list[dict]:
     return [
-        ledger_entry(f"cle_{customer}_1", customer, CE, "credit_added", "100", ("0", "0"), ("100", "0"),
-                     "2026-03-01T00:00:00Z"),
-        ledger_entry(f"cle_{customer}_2", customer, CE, "credit_deducted", "30", ("100", "0"), ("70", "0"),
-                     "2026-03-01T00:00:01Z"),
-        ledger_entry(f"cle_{customer}_3", customer, CE, "credit_deducted", "20", ("70", "0"), ("50", "0"),
-                     "2026-03-01T00:00:02Z"),
+        ledger_entry(
+            f"cle_{customer}_1", customer, CE, "credit_added", "100", ("0", "0"), ("100", "0"), "2026-03-01T00:00:00Z"
+        ),
+        ledger_entry(
+            f"cle_{customer}_2",
+            customer,
+            CE,
+            "credit_deducted",
+            "30",
+            ("100", "0"),
+            ("70", "0"),
+            "2026-03-01T00:00:01Z",
+        ),
+        ledger_entry(
+            f"cle_{customer}_3", customer, CE, "credit_deducted", "20", ("70", "0"), ("50", "0"), "2026-03-01T00:00:02Z"
+        ),
     ]
 
 
@@ -222,8 +282,11 @@ def test_verify_fails_on_a_real_breach_of_a_mirrored_balance(db, capsys):
 
     with db.write() as session:  # restore the balance, then hide a gap the chain does not show
         session.execute(update(Balance).where(Balance.customer_id == "cus_breach").values(balance=to_atoms("50", 10)))
-        session.execute(update(ProviderLedgerEntry).where(ProviderLedgerEntry.external_id == "cle_cus_breach_2")
-                        .values(follows_gap=True, expected_balance_before=5, expected_overage_before=0))
+        session.execute(
+            update(ProviderLedgerEntry)
+            .where(ProviderLedgerEntry.external_id == "cle_cus_breach_2")
+            .values(follows_gap=True, expected_balance_before=5, expected_overage_before=0)
+        )
     assert tally(["verify"]) == 1
     assert "no longer there" in capsys.readouterr().out
 

@@ -30,20 +30,50 @@ def new_token(capsys, *args: str) -> str:
 @pytest.fixture
 def account(db):
     """A Dodo subscription with two entitlements and a short ledger, applied out of order."""
-    cart = [cart_line("cde_calls", name="API Calls", unit="calls", overage_limit="100.00"),
-            cart_line("cde_tokens", name="Tokens", unit="tokens", credits_amount="10", overage_enabled=False,
-                      overage_limit=None)]
+    cart = [
+        cart_line("cde_calls", name="API Calls", unit="calls", overage_limit="100.00"),
+        cart_line(
+            "cde_tokens", name="Tokens", unit="tokens", credits_amount="10", overage_enabled=False, overage_limit=None
+        ),
+    ]
     entries = [
-        ledger_entry("cle_r1", CUSTOMER, "cde_calls", "credit_added", "250.00", ("0", "0"), ("250.00", "0"),
-                     "2026-03-01T00:00:00Z", grant_id="cdg_1"),
-        ledger_entry("cle_r2", CUSTOMER, "cde_calls", "credit_deducted", "250.00", ("250.00", "0"), ("0", "0"),
-                     "2026-03-01T00:00:05.250000Z"),
-        ledger_entry("cle_r3", CUSTOMER, "cde_calls", "overage_charged", "100.00", ("0", "0"), ("0", "100.00"),
-                     "2026-03-01T00:00:05.250000Z"),
-        ledger_entry("cle_t1", CUSTOMER, "cde_tokens", "credit_added", "10", ("0", "0"), ("10", "0"),
-                     "2026-03-01T00:00:00Z"),
-        ledger_entry("cle_t2", CUSTOMER, "cde_tokens", "credit_deducted", "10", ("10", "0"), ("0", "0"),
-                     "2026-03-02T00:00:00Z"),
+        ledger_entry(
+            "cle_r1",
+            CUSTOMER,
+            "cde_calls",
+            "credit_added",
+            "250.00",
+            ("0", "0"),
+            ("250.00", "0"),
+            "2026-03-01T00:00:00Z",
+            grant_id="cdg_1",
+        ),
+        ledger_entry(
+            "cle_r2",
+            CUSTOMER,
+            "cde_calls",
+            "credit_deducted",
+            "250.00",
+            ("250.00", "0"),
+            ("0", "0"),
+            "2026-03-01T00:00:05.250000Z",
+        ),
+        ledger_entry(
+            "cle_r3",
+            CUSTOMER,
+            "cde_calls",
+            "overage_charged",
+            "100.00",
+            ("0", "0"),
+            ("0", "100.00"),
+            "2026-03-01T00:00:05.250000Z",
+        ),
+        ledger_entry(
+            "cle_t1", CUSTOMER, "cde_tokens", "credit_added", "10", ("0", "0"), ("10", "0"), "2026-03-01T00:00:00Z"
+        ),
+        ledger_entry(
+            "cle_t2", CUSTOMER, "cde_tokens", "credit_deducted", "10", ("10", "0"), ("0", "0"), "2026-03-02T00:00:00Z"
+        ),
     ]
     for index, payload in enumerate(reversed(entries)):
         assert apply_now(db, payload, f"msg_read_{index}") == "processed"
@@ -56,7 +86,11 @@ def test_credit_usage_parses_as_the_sdk_model_with_the_seed_values(server, accou
     assert isinstance(usage, SubscriptionRetrieveCreditUsageResponse)
     assert usage.subscription_id == "sub_read"
     calls, tokens = usage.items
-    assert (calls.credit_entitlement_id, calls.credit_entitlement_name, calls.unit) == ("cde_calls", "API Calls", "calls")
+    assert (calls.credit_entitlement_id, calls.credit_entitlement_name, calls.unit) == (
+        "cde_calls",
+        "API Calls",
+        "calls",
+    )
     assert (calls.balance, calls.overage, calls.overage_enabled) == ("0.00", "100.00", True)
     assert (calls.overage_limit, calls.remaining_headroom, calls.limit_reached) == ("100.00", "0.00", True)
     assert (tokens.balance, tokens.overage, tokens.overage_enabled) == ("0", "0", False)
@@ -66,9 +100,16 @@ def test_credit_usage_parses_as_the_sdk_model_with_the_seed_values(server, accou
 def test_credit_usage_raw_types_are_the_seed_types(http, service_headers, account):
     item = http.get("/subscriptions/sub_read/credit-usage", headers=service_headers).json()["items"][0]
     assert {key: type(value).__name__ for key, value in item.items()} == {
-        "credit_entitlement_id": "str", "credit_entitlement_name": "str", "unit": "str", "balance": "str",
-        "overage": "str", "overage_enabled": "bool", "overage_limit": "str", "remaining_headroom": "str",
-        "limit_reached": "bool"}
+        "credit_entitlement_id": "str",
+        "credit_entitlement_name": "str",
+        "unit": "str",
+        "balance": "str",
+        "overage": "str",
+        "overage_enabled": "bool",
+        "overage_limit": "str",
+        "remaining_headroom": "str",
+        "limit_reached": "bool",
+    }
 
 
 def test_balance_and_ledger_parse_as_sdk_models(server, account):
@@ -76,7 +117,11 @@ def test_balance_and_ledger_parse_as_sdk_models(server, account):
     balance = client.credit_entitlements.balances.retrieve(CUSTOMER, credit_entitlement_id="cde_calls")
     assert isinstance(balance, CustomerCreditBalance)
     assert (balance.customer_id, balance.credit_entitlement_id, balance.balance, balance.overage) == (
-        CUSTOMER, "cde_calls", "0.00", "100.00")
+        CUSTOMER,
+        "cde_calls",
+        "0.00",
+        "100.00",
+    )
     assert balance.last_transaction_at is not None and balance.last_transaction_at.microsecond == 250000
 
     page = client.credit_entitlements.balances.list_ledger(CUSTOMER, credit_entitlement_id="cde_calls")
@@ -89,10 +134,12 @@ def test_balance_and_ledger_parse_as_sdk_models(server, account):
     assert (oldest.grant_id, oldest.balance_after, oldest.business_id) == ("cdg_1", "250.00", "bus_test")
 
     second = client.credit_entitlements.balances.list_ledger(
-        CUSTOMER, credit_entitlement_id="cde_calls", page_size=2, page_number=1)
+        CUSTOMER, credit_entitlement_id="cde_calls", page_size=2, page_number=1
+    )
     assert [entry.id for entry in second.items] == ["cle_r1"]
     deductions = client.credit_entitlements.balances.list_ledger(
-        CUSTOMER, credit_entitlement_id="cde_calls", transaction_type="credit_deducted")
+        CUSTOMER, credit_entitlement_id="cde_calls", transaction_type="credit_deducted"
+    )
     assert [entry.id for entry in deductions.items] == ["cle_r2"]
 
 
@@ -101,11 +148,19 @@ def test_an_absent_balance_is_a_404_with_code_and_message(server, http, service_
         sdk(server).credit_entitlements.balances.retrieve("cus_nobody", credit_entitlement_id="cde_calls")
     response = http.get("/credit-entitlements/cde_nothing/balances/cus_read", headers=service_headers)
     assert response.status_code == 404 and set(response.json()) == {"code", "message"}
-    assert http.get("/credit-entitlements/cde_nothing/balances/cus_read/ledger",
-                    headers=service_headers).status_code == 404
+    assert (
+        http.get("/credit-entitlements/cde_nothing/balances/cus_read/ledger", headers=service_headers).status_code
+        == 404
+    )
     assert http.get("/subscriptions/sub_nothing/credit-usage", headers=service_headers).status_code == 404
-    assert http.get("/credit-entitlements/cde_calls/balances/cus_read/ledger", headers=service_headers,
-                    params={"page_size": 101}).status_code == 422
+    assert (
+        http.get(
+            "/credit-entitlements/cde_calls/balances/cus_read/ledger",
+            headers=service_headers,
+            params={"page_size": 101},
+        ).status_code
+        == 422
+    )
 
 
 def test_credits_totals_for_the_customer_of_the_credentials(db, server, http, service_headers, account, capsys):

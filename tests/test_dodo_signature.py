@@ -26,7 +26,9 @@ def headers(signature: str = SIGNATURE, *, msg_id: str = MSG_ID, timestamp: str 
     return {"webhook-id": msg_id, "webhook-timestamp": timestamp, "webhook-signature": signature}
 
 
-def refusal(body: bytes, given: dict[str, str], keys: tuple[str, ...] = (SECRET,), now: float = TIMESTAMP) -> TallyError:
+def refusal(
+    body: bytes, given: dict[str, str], keys: tuple[str, ...] = (SECRET,), now: float = TIMESTAMP
+) -> TallyError:
     with pytest.raises(TallyError) as caught:
         verify_dodo_signature(body, given, keys, now=now)
     return caught.value
@@ -47,13 +49,16 @@ def test_outside_five_minutes_is_refused_as_stale(skew):
     assert (status_for(error), error.code) == (401, "stale_signature")
 
 
-@pytest.mark.parametrize("body, given", [
-    (b'{"test": 2432232315}', headers()),  # tampered body
-    (BODY + b" ", headers()),  # not the exact bytes
-    (BODY, headers(msg_id="msg_other")),  # the id is signed too
-    (BODY, headers(timestamp=str(TIMESTAMP + 1))),  # so is the timestamp
-    (BODY, headers("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OA=")),  # one bit off
-])
+@pytest.mark.parametrize(
+    "body, given",
+    [
+        (b'{"test": 2432232315}', headers()),  # tampered body
+        (BODY + b" ", headers()),  # not the exact bytes
+        (BODY, headers(msg_id="msg_other")),  # the id is signed too
+        (BODY, headers(timestamp=str(TIMESTAMP + 1))),  # so is the timestamp
+        (BODY, headers("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OA=")),  # one bit off
+    ],
+)
 def test_anything_changed_fails_verification(body, given):
     error = refusal(body, given, now=int(given["webhook-timestamp"]))
     assert (status_for(error), error.code) == (401, "invalid_signature")
@@ -65,32 +70,38 @@ def test_a_wrong_key_fails_and_any_configured_key_may_match():
     assert verify_dodo_signature(BODY, headers(), (other, SECRET), now=TIMESTAMP) == MSG_ID
 
 
-@pytest.mark.parametrize("signature", [
-    f"v1,QUJD {SIGNATURE}",  # several signatures, space-separated: one valid is enough
-    f"{SIGNATURE} v1,QUJD",
-    f"v2,QUJD {SIGNATURE}",  # unknown versions are skipped
-    f"v1,!!notbase64!! {SIGNATURE}",  # a malformed entry (the library would raise ValueError) next to a good one
-    f"garbage {SIGNATURE}",
-])
+@pytest.mark.parametrize(
+    "signature",
+    [
+        f"v1,QUJD {SIGNATURE}",  # several signatures, space-separated: one valid is enough
+        f"{SIGNATURE} v1,QUJD",
+        f"v2,QUJD {SIGNATURE}",  # unknown versions are skipped
+        f"v1,!!notbase64!! {SIGNATURE}",  # a malformed entry (the library would raise ValueError) next to a good one
+        f"garbage {SIGNATURE}",
+    ],
+)
 def test_one_valid_signature_among_several_is_enough(signature):
     assert verify_dodo_signature(BODY, headers(signature), (SECRET,), now=TIMESTAMP) == MSG_ID
 
 
-@pytest.mark.parametrize("given, code", [
-    ({}, "missing_signature"),
-    ({"webhook-id": MSG_ID, "webhook-timestamp": str(TIMESTAMP)}, "missing_signature"),
-    ({"webhook-timestamp": str(TIMESTAMP), "webhook-signature": SIGNATURE}, "missing_signature"),
-    (headers(timestamp="yesterday"), "malformed_signature"),
-    (headers(timestamp="1614265330.5"), "malformed_signature"),
-    (headers(timestamp="-1614265330"), "malformed_signature"),
-    (headers(timestamp="9" * 5000), "malformed_signature"),
-    (headers("g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="), "malformed_signature"),  # no version
-    (headers("v1,"), "malformed_signature"),
-    (headers("v1,!!!"), "malformed_signature"),
-    (headers("v2,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="), "malformed_signature"),
-    (headers("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1O"), "malformed_signature"),  # bad padding
-    (headers("   "), "malformed_signature"),
-])
+@pytest.mark.parametrize(
+    "given, code",
+    [
+        ({}, "missing_signature"),
+        ({"webhook-id": MSG_ID, "webhook-timestamp": str(TIMESTAMP)}, "missing_signature"),
+        ({"webhook-timestamp": str(TIMESTAMP), "webhook-signature": SIGNATURE}, "missing_signature"),
+        (headers(timestamp="yesterday"), "malformed_signature"),
+        (headers(timestamp="1614265330.5"), "malformed_signature"),
+        (headers(timestamp="-1614265330"), "malformed_signature"),
+        (headers(timestamp="9" * 5000), "malformed_signature"),
+        (headers("g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="), "malformed_signature"),  # no version
+        (headers("v1,"), "malformed_signature"),
+        (headers("v1,!!!"), "malformed_signature"),
+        (headers("v2,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="), "malformed_signature"),
+        (headers("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1O"), "malformed_signature"),  # bad padding
+        (headers("   "), "malformed_signature"),
+    ],
+)
 def test_malformed_headers_are_a_400(given, code):
     error = refusal(BODY, given)
     assert (status_for(error), error.code) == (400, code)
@@ -121,18 +132,21 @@ def _signed_body() -> tuple[str, dict[str, str]]:
     return body, sign(body, "msg_bad")
 
 
-@pytest.mark.parametrize("mutate, status", [
-    (lambda h: h.pop("webhook-signature"), 400),
-    (lambda h: h.pop("webhook-id"), 400),
-    (lambda h: h.update({"webhook-timestamp": "soon"}), 400),
-    (lambda h: h.update({"webhook-timestamp": "1614265330"}), 401),
-    (lambda h: h.update({"webhook-signature": "v1,AAAA"}), 401),
-    (lambda h: h.update({"webhook-signature": "v1"}), 400),
-    (lambda h: h.update({"webhook-signature": "v1,,,, ,,"}), 400),
-    (lambda h: h.update({"webhook-signature": "v1,\u00e9\u00e9"}), 400),
-    (lambda h: h.update({"webhook-id": "m\u00e9g"}), 401),
-    (lambda h: h.update({"webhook-timestamp": "\u00b2\u00b3"}), 400),
-])
+@pytest.mark.parametrize(
+    "mutate, status",
+    [
+        (lambda h: h.pop("webhook-signature"), 400),
+        (lambda h: h.pop("webhook-id"), 400),
+        (lambda h: h.update({"webhook-timestamp": "soon"}), 400),
+        (lambda h: h.update({"webhook-timestamp": "1614265330"}), 401),
+        (lambda h: h.update({"webhook-signature": "v1,AAAA"}), 401),
+        (lambda h: h.update({"webhook-signature": "v1"}), 400),
+        (lambda h: h.update({"webhook-signature": "v1,,,, ,,"}), 400),
+        (lambda h: h.update({"webhook-signature": "v1,\u00e9\u00e9"}), 400),
+        (lambda h: h.update({"webhook-id": "m\u00e9g"}), 401),
+        (lambda h: h.update({"webhook-timestamp": "\u00b2\u00b3"}), 400),
+    ],
+)
 def test_bad_headers_over_http_are_refused_cleanly_and_store_nothing(db, dodo_http, mutate, status):
     body, given = _signed_body()
     mutate(given)

@@ -71,19 +71,22 @@ def dodo_fake(clock: Clock) -> Iterator[DodoFake]:
 
 @pytest.fixture
 def dodo_client(dodo_fake: DodoFake) -> dodopayments.DodoPayments:
-    return dodopayments.DodoPayments(bearer_token="dodo_test_fake", base_url=dodo_fake.url, max_retries=0,
-                                     _strict_response_validation=True)
+    return dodopayments.DodoPayments(
+        bearer_token="dodo_test_fake", base_url=dodo_fake.url, max_retries=0, _strict_response_validation=True
+    )
 
 
 # -- Stripe: lists -----------------------------------------------------------------------------------
 
 
 def test_stripe_auto_paging_returns_every_subscription_once_in_three_calls(
-        stripe_fake: StripeFake, stripe_client: stripe.StripeClient) -> None:
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient
+) -> None:
     created = [stripe_fake.create_subscription(f"cus_{n}", created=NOW + n // 3)["id"] for n in range(250)]
 
-    listed = [sub.id for sub in stripe_client.v1.subscriptions.list(
-        params={"status": "all", "limit": 100}).auto_paging_iter()]
+    listed = [
+        sub.id for sub in stripe_client.v1.subscriptions.list(params={"status": "all", "limit": 100}).auto_paging_iter()
+    ]
 
     assert listed == created[::-1]  # newest first; ties (same second) newest-inserted first
     assert stripe_fake.calls_to("/v1/subscriptions") == 3
@@ -91,8 +94,7 @@ def test_stripe_auto_paging_returns_every_subscription_once_in_three_calls(
     assert dict(second.query) == {"status": "all", "limit": "100", "starting_after": listed[99]}
 
 
-def test_stripe_status_filters_as_stripe_documents(stripe_fake: StripeFake,
-                                                   stripe_client: stripe.StripeClient) -> None:
+def test_stripe_status_filters_as_stripe_documents(stripe_fake: StripeFake, stripe_client: stripe.StripeClient) -> None:
     for status in ("active", "past_due", "canceled", "incomplete_expired", "trialing"):
         stripe_fake.create_subscription(f"cus_{status}", status=status)
 
@@ -106,25 +108,33 @@ def test_stripe_status_filters_as_stripe_documents(stripe_fake: StripeFake,
     assert statuses({"status": "all", "customer": "cus_active"}) == {"active"}
 
 
-def test_stripe_ending_before_pages_back_towards_the_newest(stripe_fake: StripeFake,
-                                                            stripe_client: stripe.StripeClient) -> None:
+def test_stripe_ending_before_pages_back_towards_the_newest(
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient
+) -> None:
     ids = [stripe_fake.create_subscription(created=NOW + n)["id"] for n in range(25)]
 
     page = stripe_client.v1.subscriptions.list(params={"status": "all", "limit": 10, "ending_before": ids[5]})
 
     assert [sub.id for sub in page.data] == ids[15:5:-1]
     assert page.has_more is True
-    walked = [sub.id for sub in stripe_client.v1.subscriptions.list(
-        params={"status": "all", "limit": 10, "ending_before": ids[5]}).auto_paging_iter()]
+    walked = [
+        sub.id
+        for sub in stripe_client.v1.subscriptions.list(
+            params={"status": "all", "limit": 10, "ending_before": ids[5]}
+        ).auto_paging_iter()
+    ]
     assert walked == ids[6:]
 
 
-def test_stripe_subscription_has_the_recent_api_shape(stripe_fake: StripeFake,
-                                                      stripe_client: stripe.StripeClient) -> None:
-    stripe_fake.add_price("price_pro", product="prod_pro", lookup_key="pro_monthly",
-                          metadata={"included": "1000", "unit": "requests"})
-    stripe_fake.create_subscription("cus_1", price="price_pro", subscription_id="sub_1", quantity=2,
-                                    metadata={"team": "a"})
+def test_stripe_subscription_has_the_recent_api_shape(
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient
+) -> None:
+    stripe_fake.add_price(
+        "price_pro", product="prod_pro", lookup_key="pro_monthly", metadata={"included": "1000", "unit": "requests"}
+    )
+    stripe_fake.create_subscription(
+        "cus_1", price="price_pro", subscription_id="sub_1", quantity=2, metadata={"team": "a"}
+    )
 
     sub = stripe_client.v1.subscriptions.retrieve("sub_1", params={"expand": ["customer", "latest_invoice"]})
 
@@ -147,8 +157,9 @@ def test_stripe_subscription_has_the_recent_api_shape(stripe_fake: StripeFake,
 # -- Stripe: events ----------------------------------------------------------------------------------
 
 
-def test_stripe_undelivered_events_since_a_time(stripe_fake: StripeFake, stripe_client: stripe.StripeClient,
-                                                clock: Clock) -> None:
+def test_stripe_undelivered_events_since_a_time(
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient, clock: Clock
+) -> None:
     stripe_fake.create_subscription("cus_old", delivered=False)  # undelivered, but before the window
     clock.advance(3600)
     since = int(clock())
@@ -157,11 +168,14 @@ def test_stripe_undelivered_events_since_a_time(stripe_fake: StripeFake, stripe_
     clock.advance(60)
     stripe_fake.cancel_subscription(lost["id"], delivered=False)
 
-    events = list(stripe_client.v1.events.list(
-        params={"delivery_success": False, "created": {"gte": since}}).auto_paging_iter())
+    events = list(
+        stripe_client.v1.events.list(params={"delivery_success": False, "created": {"gte": since}}).auto_paging_iter()
+    )
 
     assert [(event.type, event.data.object.id) for event in events] == [
-        ("customer.subscription.deleted", lost["id"]), ("customer.subscription.created", lost["id"])]
+        ("customer.subscription.deleted", lost["id"]),
+        ("customer.subscription.created", lost["id"]),
+    ]
     assert all(event.pending_webhooks == 1 for event in events)
     assert stripe_fake.log[-1].query == (("delivery_success", "false"), ("created[gte]", str(since)))
     only = stripe_client.v1.events.list(params={"types": ["customer.subscription.deleted"]})
@@ -170,10 +184,12 @@ def test_stripe_undelivered_events_since_a_time(stripe_fake: StripeFake, stripe_
     assert len(wildcard.data) == 4
 
 
-def test_stripe_lists_events_of_the_last_30_days_only(stripe_fake: StripeFake, stripe_client: stripe.StripeClient,
-                                                      clock: Clock) -> None:
-    old = stripe_fake.add_event("customer.subscription.updated", {"id": "sub_x", "object": "subscription"},
-                                delivered=False)
+def test_stripe_lists_events_of_the_last_30_days_only(
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient, clock: Clock
+) -> None:
+    old = stripe_fake.add_event(
+        "customer.subscription.updated", {"id": "sub_x", "object": "subscription"}, delivered=False
+    )
     clock.advance(30 * 86400 + 1)
 
     assert stripe_client.v1.events.list(params={"delivery_success": False}).data == []
@@ -181,16 +197,19 @@ def test_stripe_lists_events_of_the_last_30_days_only(stripe_fake: StripeFake, s
         stripe_client.v1.events.retrieve(old["id"])
 
 
-def test_stripe_renewal_sends_updated_then_invoice_paid(stripe_fake: StripeFake,
-                                                        stripe_client: stripe.StripeClient) -> None:
+def test_stripe_renewal_sends_updated_then_invoice_paid(
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient
+) -> None:
     sub = stripe_fake.create_subscription("cus_1", price="price_basic")
     end = sub["items"]["data"][0]["current_period_end"]
 
     renewed = stripe_fake.renew_subscription(sub["id"])
 
     assert renewed["items"]["data"][0]["current_period_start"] == end
-    updated, paid = (stripe_client.v1.events.list(params={"types": [kind]}).data[0]
-                     for kind in ("customer.subscription.updated", "invoice.paid"))
+    updated, paid = (
+        stripe_client.v1.events.list(params={"types": [kind]}).data[0]
+        for kind in ("customer.subscription.updated", "invoice.paid")
+    )
     previous = updated.data.previous_attributes
     assert previous is not None and previous["items"]["data"][0]["current_period_end"] == end
     assert paid.data.object.parent.subscription_details.subscription == sub["id"]
@@ -212,8 +231,13 @@ def test_stripe_thin_event_retrieves_through_v2(stripe_fake: StripeFake, stripe_
     thin = stripe_fake.add_thin_event(
         "v1.billing.meter.error_report_triggered",
         {"id": "mtr_1", "type": "billing.meter", "url": "/v1/billing/meters/mtr_1"},
-        data={"developer_message_summary": "1 invalid event", "reason": {"error_count": 1, "error_types": []},
-              "validation_start": "2026-01-01T00:00:00.000Z", "validation_end": "2026-01-01T00:01:00.000Z"})
+        data={
+            "developer_message_summary": "1 invalid event",
+            "reason": {"error_count": 1, "error_types": []},
+            "validation_start": "2026-01-01T00:00:00.000Z",
+            "validation_end": "2026-01-01T00:01:00.000Z",
+        },
+    )
 
     event = stripe_client.v2.core.events.retrieve(thin["id"])
 
@@ -227,13 +251,17 @@ def test_stripe_thin_event_retrieves_through_v2(stripe_fake: StripeFake, stripe_
 # -- Stripe: errors and faults -------------------------------------------------------------------------
 
 
-def test_stripe_unknown_ids_and_bad_parameters_raise_invalid_request(stripe_fake: StripeFake,
-                                                                     stripe_client: stripe.StripeClient) -> None:
+def test_stripe_unknown_ids_and_bad_parameters_raise_invalid_request(
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient
+) -> None:
     with pytest.raises(stripe.InvalidRequestError) as missing:
         stripe_client.v1.subscriptions.retrieve("sub_missing")
     assert (missing.value.http_status, missing.value.code) == (404, "resource_missing")
-    for retrieve in (stripe_client.v1.events.retrieve, stripe_client.v1.customers.retrieve,
-                     stripe_client.v1.invoices.retrieve):
+    for retrieve in (
+        stripe_client.v1.events.retrieve,
+        stripe_client.v1.customers.retrieve,
+        stripe_client.v1.invoices.retrieve,
+    ):
         with pytest.raises(stripe.InvalidRequestError):
             retrieve("x_missing")
     misspelt: Any = {"statuss": "all"}
@@ -245,14 +273,14 @@ def test_stripe_unknown_ids_and_bad_parameters_raise_invalid_request(stripe_fake
 
 
 def test_stripe_requires_a_secret_key(stripe_fake: StripeFake) -> None:
-    client = stripe.StripeClient("pk_test_publishable", base_addresses={"api": stripe_fake.url},
-                                 max_network_retries=0)
+    client = stripe.StripeClient("pk_test_publishable", base_addresses={"api": stripe_fake.url}, max_network_retries=0)
     with pytest.raises(stripe.AuthenticationError):
         client.v1.subscriptions.list()
 
 
-def test_stripe_rate_limit_surfaces_with_retry_after(stripe_fake: StripeFake,
-                                                     stripe_client: stripe.StripeClient) -> None:
+def test_stripe_rate_limit_surfaces_with_retry_after(
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient
+) -> None:
     stripe_fake.fail_next(1, status=429, retry_after=2)
 
     with pytest.raises(stripe.RateLimitError) as limited:
@@ -266,8 +294,9 @@ def test_stripe_rate_limit_surfaces_with_retry_after(stripe_fake: StripeFake,
     assert stripe_fake.calls == 2  # the SDK did not retry the 429
 
 
-def test_stripe_server_errors_and_path_scoped_faults(stripe_fake: StripeFake,
-                                                     stripe_client: stripe.StripeClient) -> None:
+def test_stripe_server_errors_and_path_scoped_faults(
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient
+) -> None:
     stripe_fake.fail_next(1, status=503, path_prefix="/v1/events")
 
     stripe_client.v1.subscriptions.list()  # other endpoints are unaffected
@@ -294,8 +323,9 @@ def test_stripe_down_refuses_connections_until_up(stripe_fake: StripeFake, strip
         stripe_client.v1.subscriptions.list()
 
 
-def test_stripe_fifty_thousand_subscriptions_page_by_bisection(stripe_fake: StripeFake,
-                                                               stripe_client: stripe.StripeClient) -> None:
+def test_stripe_fifty_thousand_subscriptions_page_by_bisection(
+    stripe_fake: StripeFake, stripe_client: stripe.StripeClient
+) -> None:
     started = time.process_time()
     ids = stripe_fake.seed_subscriptions(50_000)
     assert time.process_time() - started < 5  # CPU time: a loaded machine must not fail it
@@ -316,8 +346,9 @@ def test_stripe_fifty_thousand_subscriptions_page_by_bisection(stripe_fake: Stri
 # -- Dodo: pagination --------------------------------------------------------------------------------
 
 
-def test_dodo_paging_by_hand_from_page_zero_gets_every_balance(dodo_fake: DodoFake,
-                                                               dodo_client: dodopayments.DodoPayments) -> None:
+def test_dodo_paging_by_hand_from_page_zero_gets_every_balance(
+    dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments
+) -> None:
     dodo_fake.add_entitlement("cde_calls")
     customers = dodo_fake.seed_balances("cde_calls", 250)
 
@@ -334,14 +365,15 @@ def test_dodo_paging_by_hand_from_page_zero_gets_every_balance(dodo_fake: DodoFa
     assert dodo_fake.calls == 3
 
 
-def test_dodo_sdk_auto_pagination_skips_page_one(dodo_fake: DodoFake,
-                                                 dodo_client: dodopayments.DodoPayments) -> None:
+def test_dodo_sdk_auto_pagination_skips_page_one(dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments) -> None:
     """Why reconciliation pages by hand: the SDK asks for page (page_number or 1) + 1 after page 0."""
     dodo_fake.add_entitlement("cde_calls")
     customers = dodo_fake.seed_balances("cde_calls", 250)
 
-    seen = [balance.customer_id for balance in
-            dodo_client.credit_entitlements.balances.list("cde_calls", page_number=0, page_size=100)]
+    seen = [
+        balance.customer_id
+        for balance in dodo_client.credit_entitlements.balances.list("cde_calls", page_number=0, page_size=100)
+    ]
 
     assert seen == customers[:100] + customers[200:]  # page 1 (customers 100..199) never requested
     assert [dict(call.query).get("page_number") for call in dodo_fake.log] == ["0", "2", "3"]
@@ -364,8 +396,15 @@ def test_dodo_ledger_model_moves_balance_then_overage(dodo_fake: DodoFake) -> No
     crossing = dodo_fake.deduct("cus_1", "cde_calls", "800")
 
     def row(entry: dict[str, object]) -> tuple[object, ...]:
-        return (entry["transaction_type"], entry["amount"], entry["is_credit"], entry["balance_before"],
-                entry["balance_after"], entry["overage_before"], entry["overage_after"])
+        return (
+            entry["transaction_type"],
+            entry["amount"],
+            entry["is_credit"],
+            entry["balance_before"],
+            entry["balance_after"],
+            entry["overage_before"],
+            entry["overage_after"],
+        )
 
     assert [row(entry) for entry in [added, *used, *crossing]] == [
         ("credit_added", "1000.00", True, "0.00", "1000.00", "0.00", "0.00"),
@@ -380,8 +419,10 @@ def test_dodo_ledger_model_moves_balance_then_overage(dodo_fake: DodoFake) -> No
     reset = dodo_fake.reset_overage("cus_1", "cde_calls")
     assert reset is not None and (reset["overage_before"], reset["overage_after"]) == ("160.00", "0.00")
     chain = dodo_fake.ledger("cus_1", "cde_calls")
-    assert all(a["balance_after"] == b["balance_before"] and a["overage_after"] == b["overage_before"]
-               for a, b in itertools.pairwise(chain))
+    assert all(
+        a["balance_after"] == b["balance_before"] and a["overage_after"] == b["overage_before"]
+        for a, b in itertools.pairwise(chain)
+    )
 
 
 def test_dodo_ledger_model_variants(clock: Clock) -> None:
@@ -405,8 +446,9 @@ def test_dodo_ledger_model_variants(clock: Clock) -> None:
         fake.add_entry("cus_1", "cde_capped", "credit_expired", "1")  # a balance never goes below zero
 
 
-def test_dodo_list_ledger_filters_by_date_and_type(dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments,
-                                                   clock: Clock) -> None:
+def test_dodo_list_ledger_filters_by_date_and_type(
+    dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments, clock: Clock
+) -> None:
     dodo_fake.add_entitlement("cde_calls", overage_enabled=True)
     dodo_fake.grant("cus_1", "cde_calls", "100")
     clock.advance(3600)
@@ -416,15 +458,18 @@ def test_dodo_list_ledger_filters_by_date_and_type(dodo_fake: DodoFake, dodo_cli
     recent += [entry["id"] for entry in dodo_fake.deduct("cus_1", "cde_calls", "95")]
 
     ledger = dodo_client.credit_entitlements.balances.list_ledger(
-        "cus_1", credit_entitlement_id="cde_calls", start_date=since, page_size=100)
+        "cus_1", credit_entitlement_id="cde_calls", start_date=since, page_size=100
+    )
 
     assert [entry.id for entry in ledger.items] == recent[::-1]  # newest first
     assert dict(dodo_fake.log[-1].query)["start_date"] == since.isoformat()  # "…+00:00", as the SDK sends it
     charged = dodo_client.credit_entitlements.balances.list_ledger(
-        "cus_1", credit_entitlement_id="cde_calls", transaction_type="overage_charged")
+        "cus_1", credit_entitlement_id="cde_calls", transaction_type="overage_charged"
+    )
     assert [entry.amount for entry in charged.items] == ["5.00"]
     before = dodo_client.credit_entitlements.balances.list_ledger(
-        "cus_1", credit_entitlement_id="cde_calls", end_date=since - timedelta(seconds=1))
+        "cus_1", credit_entitlement_id="cde_calls", end_date=since - timedelta(seconds=1)
+    )
     assert [entry.transaction_type for entry in before.items] == ["credit_added"]
 
 
@@ -447,7 +492,9 @@ def test_dodo_renewal_expires_resets_and_grants(dodo_fake: DodoFake, dodo_client
     entries = dodo_fake.renew_subscription(sub["subscription_id"])
 
     assert [(entry["transaction_type"], entry["amount"]) for entry in entries] == [
-        ("credit_expired", "600.00"), ("credit_added", "1000.00")]
+        ("credit_expired", "600.00"),
+        ("credit_added", "1000.00"),
+    ]
     usage = dodo_client.subscriptions.retrieve_credit_usage(sub["subscription_id"])
     assert (usage.items[0].balance, usage.items[0].remaining_headroom) == ("1000.00", "100.00")
     renewed = dodo_client.subscriptions.retrieve(sub["subscription_id"])
@@ -466,16 +513,18 @@ def test_dodo_webhook_payload_is_the_sdk_webhook_model(dodo_fake: DodoFake) -> N
     assert (second.type, Decimal(second.data.overage_after)) == ("credit.overage_charged", Decimal(2))
 
 
-def test_dodo_every_endpoint_matches_the_sdk_models(dodo_fake: DodoFake,
-                                                    dodo_client: dodopayments.DodoPayments) -> None:
+def test_dodo_every_endpoint_matches_the_sdk_models(
+    dodo_fake: DodoFake, dodo_client: dodopayments.DodoPayments
+) -> None:
     dodo_fake.add_entitlement("cde_calls", overage_enabled=True, overage_limit="50")
     sub = dodo_fake.add_subscription("cus_1", cart=[("cde_calls", "100")])["subscription_id"]
 
     assert dodo_client.credit_entitlements.list(page_size=100).items[0].id == "cde_calls"
     assert dodo_client.credit_entitlements.retrieve("cde_calls").overage_limit == 50
     assert dodo_client.credit_entitlements.balances.list("cde_calls", customer_id="cus_1").items[0].balance == "100.00"
-    grants = dodo_client.credit_entitlements.balances.list_grants("cus_1", credit_entitlement_id="cde_calls",
-                                                                  status="active")
+    grants = dodo_client.credit_entitlements.balances.list_grants(
+        "cus_1", credit_entitlement_id="cde_calls", status="active"
+    )
     assert grants.items[0].remaining_amount == "100.00" and grants.items[0].source_id == sub
     assert dodo_client.subscriptions.list(status="active").items[0].subscription_id == sub
     assert dodo_client.subscriptions.retrieve(sub).credit_entitlement_cart[0].credits_amount == "100.00"

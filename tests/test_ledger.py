@@ -29,12 +29,22 @@ from app.models import Balance, Grant, LedgerEntry
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def setup_balance(db: Database, *, overage_enabled: bool = True, overage_limit: Decimal | None = None,
-                  precision: int = 0) -> None:
+def setup_balance(
+    db: Database, *, overage_enabled: bool = True, overage_limit: Decimal | None = None, precision: int = 0
+) -> None:
     with db.write() as session:
         ensure_customer(session, "cus_l", "stripe")
-        sync_entitlement(session, EntitlementSpec(id="credits", name="Credits", unit="credit", precision=precision,
-                                                  overage_enabled=overage_enabled, overage_limit=overage_limit))
+        sync_entitlement(
+            session,
+            EntitlementSpec(
+                id="credits",
+                name="Credits",
+                unit="credit",
+                precision=precision,
+                overage_enabled=overage_enabled,
+                overage_limit=overage_limit,
+            ),
+        )
         lock_balance(session, "cus_l", "credits")
 
 
@@ -49,8 +59,14 @@ def test_a_grant_counts_once_per_source(db):
     setup_balance(db)
     for _ in range(3):
         with db.write() as session:
-            grant(session, lock_balance(session, "cus_l", "credits"), 100, source_key="promo-1", starts_at=T0,
-                  expires_at=None)
+            grant(
+                session,
+                lock_balance(session, "cus_l", "credits"),
+                100,
+                source_key="promo-1",
+                starts_at=T0,
+                expires_at=None,
+            )
     assert snapshot(db) == (100, 0, [("grant", 100)])
 
 
@@ -65,8 +81,13 @@ def test_deductions_take_the_oldest_grant_first_then_overage(db):
         remaining = dict(session.execute(select(Grant.source_key, Grant.remaining)).all())
     assert remaining == {"older": 0, "newer": 25}
     with db.write() as session:
-        deduct(session, lock_balance(session, "cus_l", "credits"), 60, source=Source(dedupe_key="u2"),
-               now=T0 + timedelta(days=2))
+        deduct(
+            session,
+            lock_balance(session, "cus_l", "credits"),
+            60,
+            source=Source(dedupe_key="u2"),
+            now=T0 + timedelta(days=2),
+        )
     assert snapshot(db)[:2] == (0, 35)  # 25 from the balance, 35 into overage
 
 
@@ -94,10 +115,26 @@ def test_with_overage_disabled_the_balance_never_goes_below_zero(db):
 
 def test_a_period_rollover_expires_the_old_grant_and_resets_overage(db):
     setup_balance(db)
-    first = PeriodTerms("sub_l", "basic", T0, T0 + timedelta(days=30), included=100, hard_cap=150,
-                        overage_enabled=True, overage_limit=50)
-    second = PeriodTerms("sub_l", "basic", T0 + timedelta(days=30), T0 + timedelta(days=60), included=100,
-                         hard_cap=150, overage_enabled=True, overage_limit=50)
+    first = PeriodTerms(
+        "sub_l",
+        "basic",
+        T0,
+        T0 + timedelta(days=30),
+        included=100,
+        hard_cap=150,
+        overage_enabled=True,
+        overage_limit=50,
+    )
+    second = PeriodTerms(
+        "sub_l",
+        "basic",
+        T0 + timedelta(days=30),
+        T0 + timedelta(days=60),
+        included=100,
+        hard_cap=150,
+        overage_enabled=True,
+        overage_limit=50,
+    )
     with db.write() as session:
         balance = lock_balance(session, "cus_l", "credits")
         assert start_period(session, balance, first)
@@ -118,9 +155,20 @@ def test_a_period_rollover_expires_the_old_grant_and_resets_overage(db):
 def test_the_clock_expires_ended_periods(db):
     setup_balance(db)
     with db.write() as session:
-        start_period(session, lock_balance(session, "cus_l", "credits"),
-                     PeriodTerms("sub_l", "basic", T0, T0 + timedelta(days=30), included=100, hard_cap=None,
-                                 overage_enabled=True, overage_limit=None))
+        start_period(
+            session,
+            lock_balance(session, "cus_l", "credits"),
+            PeriodTerms(
+                "sub_l",
+                "basic",
+                T0,
+                T0 + timedelta(days=30),
+                included=100,
+                hard_cap=None,
+                overage_enabled=True,
+                overage_limit=None,
+            ),
+        )
     with db.write() as session:
         assert expire_all_due(session, now=T0 + timedelta(days=10)) == 0
     with db.write() as session:

@@ -28,9 +28,13 @@ THREADS = 64
 
 def _sum_of_entries(db: Database, customer_id: str) -> int:
     with db.read() as session:
-        return int(session.execute(
-            select(func.coalesce(func.sum(LedgerEntry.amount), 0)).join(Balance, Balance.id == LedgerEntry.balance_id)
-            .where(Balance.customer_id == customer_id)).scalar_one())
+        return int(
+            session.execute(
+                select(func.coalesce(func.sum(LedgerEntry.amount), 0))
+                .join(Balance, Balance.id == LedgerEntry.balance_id)
+                .where(Balance.customer_id == customer_id)
+            ).scalar_one()
+        )
 
 
 def test_64_concurrent_debits_never_pass_the_overage_limit(db):
@@ -44,8 +48,11 @@ def test_64_concurrent_debits_never_pass_the_overage_limit(db):
         request = entries.parse_entry_request({"entry_type": "debit", "amount": "0.25", "idempotency_key": f"d{n}"})
         with own_pool.engine.connect():  # hold a connection of our own while everyone lines up
             start.wait(timeout=60)
-        return entry_answer(entries.create_ledger_entry(own_pool, catalogue, entitlement_id="tokens",
-                                                        customer_id=customer, request=request, now=utcnow()))
+        return entry_answer(
+            entries.create_ledger_entry(
+                own_pool, catalogue, entitlement_id="tokens", customer_id=customer, request=request, now=utcnow()
+            )
+        )
 
     try:
         with ThreadPoolExecutor(max_workers=THREADS) as pool:
@@ -75,8 +82,15 @@ def test_workers_applying_overlapping_batches_concurrently_apply_each_event_once
     assert post_entry(db, "tokens", customer, "credit", "10")[0] == 201
     catalogue = get_settings().catalogue
     now = utcnow()
-    batch = [{"event_id": f"{customer}-{n}", "customer_id": customer, "event_name": "completion",
-              "metadata": {"tokens": 250}} for n in range(THREADS)]
+    batch = [
+        {
+            "event_id": f"{customer}-{n}",
+            "customer_id": customer,
+            "event_name": "completion",
+            "metadata": {"tokens": 250},
+        }
+        for n in range(THREADS)
+    ]
     ids = ingest.store_batch(db, ingest.parse_batch({"events": batch}, catalogue, now), now)
     shuffled = random.Random(7)
 

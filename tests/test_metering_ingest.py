@@ -42,8 +42,14 @@ def usage_of(http, headers, customer_id: str) -> dict[str, Any]:
 
 def subscribe(http, customer_id: str, sub_id: str) -> None:
     now = int(time.time())
-    response = deliver(http, event(f"evt_{sub_id}", "customer.subscription.created",
-                                   subscription_object(sub_id, customer_id, "active", now - 3600, now + 30 * 86400)))
+    response = deliver(
+        http,
+        event(
+            f"evt_{sub_id}",
+            "customer.subscription.created",
+            subscription_object(sub_id, customer_id, "active", now - 3600, now + 30 * 86400),
+        ),
+    )
     assert response.status_code == 200
 
 
@@ -53,14 +59,21 @@ def test_ingested_events_are_counted_once_and_deducted_by_the_workers(db, http, 
     subscribe(http, customer, f"sub_{customer}")
     wait_for(lambda: balance_of(db, customer, "requests"), what="the plan's balance")
 
-    batch = [{"event_id": f"{customer}-{n}", "customer_id": customer, "event_name": "api_call",
-              "metadata": {"endpoint": "/v1/things"}} for n in range(3)]
+    batch = [
+        {
+            "event_id": f"{customer}-{n}",
+            "customer_id": customer,
+            "event_name": "api_call",
+            "metadata": {"endpoint": "/v1/things"},
+        }
+        for n in range(3)
+    ]
     response = http.post("/events/ingest", json={"events": batch}, headers=service_headers)
     assert response.status_code == 200, response.text
     assert response.json() == {"ingested_count": 3}
 
-    again = batch + [{"event_id": f"{customer}-3", "customer_id": customer, "event_name": "api_call",
-                      "timestamp": utcnow().isoformat()}]
+    newcomer = {"event_id": f"{customer}-3", "customer_id": customer, "event_name": "api_call"}
+    again = [*batch, {**newcomer, "timestamp": utcnow().isoformat()}]
     response = http.post("/events/ingest", json={"events": again}, headers=service_headers)
     assert response.json() == {"ingested_count": 1}
 
@@ -114,16 +127,21 @@ def test_ingest_refuses_malformed_json_missing_tokens_and_customer_tokens(db, ht
     assert response.status_code == 400 and response.json()["code"] == "invalid_json"
     assert http.post("/events/ingest", json={"events": [_event(customer)]}).status_code == 401
     token = create_key(db, scope="customer", customer_id=customer)
-    response = http.post("/events/ingest", json={"events": [_event(customer)]},
-                         headers={"Authorization": f"Bearer {token}"})
+    response = http.post(
+        "/events/ingest", json={"events": [_event(customer)]}, headers={"Authorization": f"Bearer {token}"}
+    )
     assert response.status_code == 403
     assert usage_event_count(db) == 0
 
 
 def test_an_event_without_a_balance_is_refused_and_stays_refused(db):
     customer = new_customer(db)
-    first = {"event_id": f"{customer}-seat", "customer_id": customer, "event_name": "seats_reported",
-             "metadata": {"seats": 2}}
+    first = {
+        "event_id": f"{customer}-seat",
+        "customer_id": customer,
+        "event_name": "seats_reported",
+        "metadata": {"seats": 2},
+    }
     apply(db, ingest_directly(db, [first]))
     refused = usage_event(db, first["event_id"])
     assert refused.status == "refused" and refused.refusal_code == "no_balance"
@@ -139,11 +157,29 @@ def test_an_event_without_a_balance_is_refused_and_stays_refused(db):
 def test_a_deduction_past_the_overage_limit_is_refused_whole_and_stays_refused(db):
     customer = new_customer(db)
     assert post_entry(db, "tokens", customer, "credit", "10")[0] == 201  # 10 credits, overage limit 5
-    ids = ingest_directly(db, [
-        {"event_id": f"{customer}-a", "customer_id": customer, "event_name": "completion", "metadata": {"tokens": 12000}},
-        {"event_id": f"{customer}-b", "customer_id": customer, "event_name": "completion", "metadata": {"tokens": 3001}},
-        {"event_id": f"{customer}-c", "customer_id": customer, "event_name": "completion", "metadata": {"tokens": 3000}},
-    ])
+    ids = ingest_directly(
+        db,
+        [
+            {
+                "event_id": f"{customer}-a",
+                "customer_id": customer,
+                "event_name": "completion",
+                "metadata": {"tokens": 12000},
+            },
+            {
+                "event_id": f"{customer}-b",
+                "customer_id": customer,
+                "event_name": "completion",
+                "metadata": {"tokens": 3001},
+            },
+            {
+                "event_id": f"{customer}-c",
+                "customer_id": customer,
+                "event_name": "completion",
+                "metadata": {"tokens": 3000},
+            },
+        ],
+    )
     apply(db, ids)
     balance = balance_of(db, customer, "tokens")
     # a: 12 credits = 10 from the balance + 2 overage; b: 3.01 more would reach 5.01 > 5: refused whole;
@@ -161,8 +197,17 @@ def test_a_deduction_past_the_overage_limit_is_refused_whole_and_stays_refused(d
 def test_overage_disabled_refuses_what_the_balance_cannot_cover(db):
     customer = new_customer(db)
     post_entry(db, "seats", customer, "credit", "3")
-    ids = ingest_directly(db, [{"event_id": f"{customer}-s", "customer_id": customer, "event_name": "seats_reported",
-                                "metadata": {"seats": 4}}])
+    ids = ingest_directly(
+        db,
+        [
+            {
+                "event_id": f"{customer}-s",
+                "customer_id": customer,
+                "event_name": "seats_reported",
+                "metadata": {"seats": 4},
+            }
+        ],
+    )
     apply(db, ids)
     assert usage_event(db, f"{customer}-s").refusal_code == "insufficient_credits"
     assert balance_of(db, customer, "seats").balance == 3
@@ -172,8 +217,20 @@ def test_sum_charges_the_running_total_rounded_up_to_the_precision(db):
     customer = new_customer(db)
     post_entry(db, "tokens", customer, "credit", "10")
     for n, tokens in enumerate([1500, 1, 8, "0.5"]):
-        apply(db, ingest_directly(db, [{"event_id": f"{customer}-{n}", "customer_id": customer,
-                                        "event_name": "completion", "metadata": {"tokens": tokens}}]))
+        apply(
+            db,
+            ingest_directly(
+                db,
+                [
+                    {
+                        "event_id": f"{customer}-{n}",
+                        "customer_id": customer,
+                        "event_name": "completion",
+                        "metadata": {"tokens": tokens},
+                    }
+                ],
+            ),
+        )
     # 1500 tokens = 1.50 credits; 1501 -> 1.51 (a started hundredth is charged); 1509 -> 1.51; 1509.5 -> 1.51
     assert balance_of(db, customer, "tokens").balance == 1000 - 151
     assert entry_count(db, kind="deduction") == 2
@@ -183,8 +240,20 @@ def test_max_charges_only_increases_of_the_period_peak(db):
     customer = new_customer(db)
     post_entry(db, "seats", customer, "credit", "10")
     for n, seats in enumerate([3, 2, 5, 5]):
-        apply(db, ingest_directly(db, [{"event_id": f"{customer}-{n}", "customer_id": customer,
-                                        "event_name": "seats_reported", "metadata": {"seats": seats}}]))
+        apply(
+            db,
+            ingest_directly(
+                db,
+                [
+                    {
+                        "event_id": f"{customer}-{n}",
+                        "customer_id": customer,
+                        "event_name": "seats_reported",
+                        "metadata": {"seats": seats},
+                    }
+                ],
+            ),
+        )
     assert balance_of(db, customer, "seats").balance == 5
     assert entry_count(db, kind="deduction") == 2
 
@@ -195,17 +264,30 @@ def test_last_follows_the_newest_timestamp_and_charges_its_high_water_mark(db):
     now = utcnow()
 
     def report(name: str, gb: Any, minutes_ago: int) -> None:
-        apply(db, ingest_directly(db, [{"event_id": f"{customer}-{name}", "customer_id": customer,
-                                        "event_name": "storage_reported", "metadata": {"gb": gb},
-                                        "timestamp": (now - timedelta(minutes=minutes_ago)).isoformat()}]))
+        apply(
+            db,
+            ingest_directly(
+                db,
+                [
+                    {
+                        "event_id": f"{customer}-{name}",
+                        "customer_id": customer,
+                        "event_name": "storage_reported",
+                        "metadata": {"gb": gb},
+                        "timestamp": (now - timedelta(minutes=minutes_ago)).isoformat(),
+                    }
+                ],
+            ),
+        )
 
-    report("a", 2.5, 30)   # 2.5 GB: 2.5 credits
+    report("a", 2.5, 30)  # 2.5 GB: 2.5 credits
     report("b", "1.0", 20)  # dropped to 1 GB: nothing charged, nothing refunded
-    report("c", 3, 10)     # 3 GB: only the 0.5 above the high-water mark
+    report("c", 3, 10)  # 3 GB: only the 0.5 above the high-water mark
     report("late", 9, 25)  # arrives late but is older than c: the last value stays 3
     assert balance_of(db, customer, "storage").balance == 1000 - 30
     with db.read() as session:
         from app.metering.models import MeterUsage
+
         usage = session.query(MeterUsage).filter_by(customer_id=customer).one()
         assert (usage.consumed, usage.charged, usage.event_count) == ("3", 30, 4)
 
@@ -223,8 +305,20 @@ def test_usage_on_a_provider_managed_entitlement_is_refused(db):
     post_entry(db, "seats", customer, "credit", "10")
     with db.write() as session:
         session.get(CreditEntitlement, "seats").managed_by = "dodo"
-    apply(db, ingest_directly(db, [{"event_id": f"{customer}-m", "customer_id": customer,
-                                    "event_name": "seats_reported", "metadata": {"seats": 1}}]))
+    apply(
+        db,
+        ingest_directly(
+            db,
+            [
+                {
+                    "event_id": f"{customer}-m",
+                    "customer_id": customer,
+                    "event_name": "seats_reported",
+                    "metadata": {"seats": 1},
+                }
+            ],
+        ),
+    )
     assert usage_event(db, f"{customer}-m").refusal_code == "provider_managed"
     with db.read() as session:
         assert session.query(Balance).filter_by(customer_id=customer).one().balance == 10
@@ -238,8 +332,17 @@ def test_the_sweeper_enqueues_events_whose_doorbell_was_lost(db, worker):
 
     customer = new_customer(db)
     post_entry(db, "seats", customer, "credit", "10")
-    ids = ingest_directly(db, [{"event_id": f"{customer}-lost", "customer_id": customer,
-                                "event_name": "seats_reported", "metadata": {"seats": 4}}])  # never enqueued
+    ids = ingest_directly(
+        db,
+        [
+            {
+                "event_id": f"{customer}-lost",
+                "customer_id": customer,
+                "event_name": "seats_reported",
+                "metadata": {"seats": 4},
+            }
+        ],
+    )  # never enqueued
     assert sweep_usage_events(db, JOBS.enqueue_usage, older_than=timedelta(0), now=utcnow() + timedelta(seconds=1)) == 1
     wait_for(lambda: usage_event(db, f"{customer}-lost").status == "applied", what="the swept event")
     assert balance_of(db, customer, "seats").balance == 6
@@ -248,6 +351,9 @@ def test_the_sweeper_enqueues_events_whose_doorbell_was_lost(db, worker):
 
 def test_openapi_lists_the_metering_routes(http):
     paths = http.get("/openapi.json").json()["paths"]
-    assert {"/events/ingest", "/subscriptions/{subscription_id}/usage-history",
-            "/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger-entries"} <= set(paths)
+    assert {
+        "/events/ingest",
+        "/subscriptions/{subscription_id}/usage-history",
+        "/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger-entries",
+    } <= set(paths)
     assert json.dumps(paths)  # serialisable

@@ -20,16 +20,28 @@ def post(http, headers, ce: str, customer: str, body: dict):
 
 def test_credit_then_debit_answer_201_with_before_and_after(db, http, service_headers):
     customer = new_customer(db)
-    response = post(http, service_headers, "tokens", customer,
-                    {"entry_type": "credit", "amount": "10.5", "idempotency_key": "k1", "reason": "welcome",
-                     "metadata": {"campaign": "spring"}})
+    response = post(
+        http,
+        service_headers,
+        "tokens",
+        customer,
+        {
+            "entry_type": "credit",
+            "amount": "10.5",
+            "idempotency_key": "k1",
+            "reason": "welcome",
+            "metadata": {"campaign": "spring"},
+        },
+    )
     assert response.status_code == 201, response.text
     credit = response.json()
     assert (credit["balance_before"], credit["balance_after"]) == ("0.00", "10.50")
     assert credit["amount"] == "10.50" and credit["is_credit"] is True and credit["grant_id"] is not None
     assert credit["metadata"] == {"campaign": "spring"} and credit["reason"] == "welcome"
 
-    response = post(http, service_headers, "tokens", customer, {"entry_type": "debit", "amount": 12, "idempotency_key": "k2"})
+    response = post(
+        http, service_headers, "tokens", customer, {"entry_type": "debit", "amount": 12, "idempotency_key": "k2"}
+    )
     assert response.status_code == 201, response.text
     debit = response.json()
     assert (debit["balance_before"], debit["balance_after"]) == ("10.50", "0.00")
@@ -63,18 +75,34 @@ def test_a_debit_past_the_limit_is_refused_with_400_and_the_refusal_is_the_keys_
     balance = balance_of(db, customer, "tokens")
     assert (balance.balance, balance.overage) == (10100, 0)
 
-    at_limit = post(http, service_headers, "seats", customer, {"entry_type": "debit", "amount": "1", "idempotency_key": "s"})
+    at_limit = post(
+        http, service_headers, "seats", customer, {"entry_type": "debit", "amount": "1", "idempotency_key": "s"}
+    )
     assert at_limit.status_code == 400 and at_limit.json()["code"] == "insufficient_credits"  # overage disabled
 
 
-@pytest.mark.parametrize("amount,code", [
-    ("-1", "invalid_amount"), ("0", "invalid_amount"), ("abc", "invalid_amount"), (1.5, "invalid_amount"),
-    ("1.234", "invalid_amount"), (None, "invalid_amount"), ("NaN", "invalid_amount"), ("1e30", "invalid_amount"),
-])
+@pytest.mark.parametrize(
+    "amount,code",
+    [
+        ("-1", "invalid_amount"),
+        ("0", "invalid_amount"),
+        ("abc", "invalid_amount"),
+        (1.5, "invalid_amount"),
+        ("1.234", "invalid_amount"),
+        (None, "invalid_amount"),
+        ("NaN", "invalid_amount"),
+        ("1e30", "invalid_amount"),
+    ],
+)
 def test_bad_amounts_are_refused_with_422_and_nothing_is_written(db, http, service_headers, amount, code):
     customer = new_customer(db)
-    response = post(http, service_headers, "tokens", customer,
-                    {"entry_type": "credit", "amount": amount, "idempotency_key": uuid.uuid4().hex})
+    response = post(
+        http,
+        service_headers,
+        "tokens",
+        customer,
+        {"entry_type": "credit", "amount": amount, "idempotency_key": uuid.uuid4().hex},
+    )
     assert response.status_code == 422, response.text
     assert response.json()["code"] == code
     assert entry_count(db) == 0 and balance_of(db, customer, "tokens") is None
@@ -85,7 +113,12 @@ def test_unknown_customers_entitlements_bodies_and_tokens_are_refused(db, http, 
     body = {"entry_type": "credit", "amount": "1", "idempotency_key": "x"}
     assert post(http, service_headers, "tokens", "cus_nobody", body).status_code == 404
     assert post(http, service_headers, "no_such_ce", customer, body).status_code == 404
-    assert post(http, service_headers, "tokens", customer, {"entry_type": "gift", "amount": "1", "idempotency_key": "x"}).status_code == 422
+    assert (
+        post(
+            http, service_headers, "tokens", customer, {"entry_type": "gift", "amount": "1", "idempotency_key": "x"}
+        ).status_code
+        == 422
+    )
     assert post(http, service_headers, "tokens", customer, {"entry_type": "credit", "amount": "1"}).status_code == 422
     assert post(http, {}, "tokens", customer, body).status_code == 401
     token = create_key(db, scope="customer", customer_id=customer)
@@ -96,21 +129,33 @@ def test_unknown_customers_entitlements_bodies_and_tokens_are_refused(db, http, 
 def test_provider_managed_entitlements_refuse_local_writes_with_409(db, http, service_headers):
     customer = new_customer(db)
     with db.write() as session:
-        session.add(CreditEntitlement(id="cde_dodo_1", managed_by="dodo", name="Dodo credits", unit="credit",
-                                      precision=2, overage_enabled=False))
-    response = post(http, service_headers, "cde_dodo_1", customer,
-                    {"entry_type": "credit", "amount": "1", "idempotency_key": "x"})
+        session.add(
+            CreditEntitlement(
+                id="cde_dodo_1",
+                managed_by="dodo",
+                name="Dodo credits",
+                unit="credit",
+                precision=2,
+                overage_enabled=False,
+            )
+        )
+    response = post(
+        http, service_headers, "cde_dodo_1", customer, {"entry_type": "credit", "amount": "1", "idempotency_key": "x"}
+    )
     assert response.status_code == 409 and response.json()["code"] == "provider_managed"
     assert entry_count(db) == 0
 
 
 def test_the_official_sdk_reads_the_answer(db, server, service_headers):
     customer = new_customer(db)
-    client = dodopayments.DodoPayments(bearer_token=service_headers["Authorization"].split()[1],
-                                       base_url=server.url, max_retries=0)
+    client = dodopayments.DodoPayments(
+        bearer_token=service_headers["Authorization"].split()[1], base_url=server.url, max_retries=0
+    )
     entry = client.credit_entitlements.balances.create_ledger_entry(
-        customer, credit_entitlement_id="storage", amount="2.5", entry_type="credit", idempotency_key="sdk-1")
+        customer, credit_entitlement_id="storage", amount="2.5", entry_type="credit", idempotency_key="sdk-1"
+    )
     assert entry.balance_after == "2.5" and entry.customer_id == customer and entry.is_credit
     with pytest.raises(dodopayments.BadRequestError):
         client.credit_entitlements.balances.create_ledger_entry(
-            customer, credit_entitlement_id="seats", amount="1", entry_type="debit", idempotency_key="sdk-2")
+            customer, credit_entitlement_id="seats", amount="1", entry_type="debit", idempotency_key="sdk-2"
+        )

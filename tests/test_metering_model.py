@@ -105,16 +105,27 @@ class LedgerAgainstModel(RuleBasedStateMachine):
 
     def _post(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         extra = {key: value for key, value in body.items() if key not in ("entry_type", "amount", "idempotency_key")}
-        answer = post_entry(self.db, ENTITLEMENT, self.customer, body["entry_type"], body["amount"],
-                            key=body["idempotency_key"], now=self.now, **extra)
+        answer = post_entry(
+            self.db,
+            ENTITLEMENT,
+            self.customer,
+            body["entry_type"],
+            body["amount"],
+            key=body["idempotency_key"],
+            now=self.now,
+            **extra,
+        )
         self.model.opened = True
         return answer
 
     @rule(amount=st.integers(1, 2000), expires_in_hours=st.none() | st.integers(1, 12))
     def credit(self, amount: int, expires_in_hours: int | None) -> None:
         expires_at = None if expires_in_hours is None else self.now + timedelta(hours=expires_in_hours)
-        body: dict[str, Any] = {"entry_type": "credit", "amount": format_atoms(amount, PRECISION),
-                                "idempotency_key": uuid.uuid4().hex}
+        body: dict[str, Any] = {
+            "entry_type": "credit",
+            "amount": format_atoms(amount, PRECISION),
+            "idempotency_key": uuid.uuid4().hex,
+        }
         if expires_at is not None:
             body["expires_at"] = expires_at.isoformat()
         before = (self.model.balance, self.model.overage)
@@ -122,7 +133,9 @@ class LedgerAgainstModel(RuleBasedStateMachine):
         self.model.credit(amount, expires_at)
         assert status == 201, answer
         assert (answer["balance_before"], answer["balance_after"]) == (
-            format_atoms(before[0], PRECISION), format_atoms(self.model.balance, PRECISION))
+            format_atoms(before[0], PRECISION),
+            format_atoms(self.model.balance, PRECISION),
+        )
         self.requests.append((body, status, answer))
 
     @rule(amount=st.integers(1, 1500))
@@ -133,15 +146,21 @@ class LedgerAgainstModel(RuleBasedStateMachine):
         assert status == (201 if accepted else 400), answer
         if accepted:
             assert (answer["balance_after"], answer["overage_after"]) == (
-                format_atoms(self.model.balance, PRECISION), format_atoms(self.model.overage, PRECISION))
+                format_atoms(self.model.balance, PRECISION),
+                format_atoms(self.model.overage, PRECISION),
+            )
         else:
             assert answer["code"] == "limit_exceeded"
         self.requests.append((body, status, answer))
 
     @rule(atoms=st.integers(1, 1500))
     def usage(self, atoms: int) -> None:
-        event = {"event_id": f"{self.customer}-{uuid.uuid4().hex[:10]}", "customer_id": self.customer,
-                 "event_name": "completion", "metadata": {"tokens": atoms * TOKENS_PER_ATOM}}
+        event = {
+            "event_id": f"{self.customer}-{uuid.uuid4().hex[:10]}",
+            "customer_id": self.customer,
+            "event_name": "completion",
+            "metadata": {"tokens": atoms * TOKENS_PER_ATOM},
+        }
         real_now = utcnow()
         ids = ingest.store_batch(self.db, ingest.parse_batch({"events": [event]}, self.catalogue, real_now), real_now)
         assert len(ids) == 1
@@ -176,10 +195,14 @@ class LedgerAgainstModel(RuleBasedStateMachine):
     def redeliver_a_usage_event(self, data: st.DataObject) -> None:
         event, status = data.draw(st.sampled_from(self.usage_events))
         real_now = utcnow()
-        assert ingest.store_batch(self.db, ingest.parse_batch({"events": [event]}, self.catalogue, real_now),
-                                  real_now) == []
+        assert (
+            ingest.store_batch(self.db, ingest.parse_batch({"events": [event]}, self.catalogue, real_now), real_now)
+            == []
+        )
         with self.db.read() as session:
-            stored_id = session.execute(select(UsageEvent.id).where(UsageEvent.event_id == event["event_id"])).scalar_one()
+            stored_id = session.execute(
+                select(UsageEvent.id).where(UsageEvent.event_id == event["event_id"])
+            ).scalar_one()
         apply_usage_events(self.db, self.catalogue, [stored_id], now=self.now)
         assert self._event_status(event["event_id"]) == status
 
@@ -206,9 +229,16 @@ class LedgerAgainstModel(RuleBasedStateMachine):
 
 
 def test_the_ledger_agrees_with_a_model_under_random_operations(db):
-    run_state_machine_as_test(LedgerAgainstModel, settings=settings(
-        max_examples=int(os.environ.get("TALLY_MODEL_EXAMPLES", "25")), stateful_step_count=20, deadline=None,
-        database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    run_state_machine_as_test(
+        LedgerAgainstModel,
+        settings=settings(
+            max_examples=int(os.environ.get("TALLY_MODEL_EXAMPLES", "25")),
+            stateful_step_count=20,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
 
 
 def test_tally_verify_on_the_command_line_passes_then_reports_a_breach(db):

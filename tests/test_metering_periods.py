@@ -23,8 +23,10 @@ DAY = 86400
 
 def subscribe(http, db, *, start: int, end: int) -> tuple[str, str]:
     customer, sub = f"cus_{uuid.uuid4().hex[:8]}", f"sub_{uuid.uuid4().hex[:8]}"
-    response = deliver(http, event(f"evt_{sub}", "customer.subscription.created",
-                                   subscription_object(sub, customer, "active", start, end)))
+    response = deliver(
+        http,
+        event(f"evt_{sub}", "customer.subscription.created", subscription_object(sub, customer, "active", start, end)),
+    )
     assert response.status_code == 200
     wait_for(lambda: balance_of(db, customer, "requests"), what="the plan's balance")
     return customer, sub
@@ -33,14 +35,21 @@ def subscribe(http, db, *, start: int, end: int) -> tuple[str, str]:
 def kinds(db, customer: str) -> list[tuple[str, int]]:
     """The customer's ledger entries, oldest first, as (kind, amount)."""
     with db.read() as session:
-        return [(entry.kind, entry.amount) for entry in session.execute(
-            select(LedgerEntry).join(Balance, Balance.id == LedgerEntry.balance_id)
-            .where(Balance.customer_id == customer).order_by(LedgerEntry.id)).scalars()]
+        return [
+            (entry.kind, entry.amount)
+            for entry in session.execute(
+                select(LedgerEntry)
+                .join(Balance, Balance.id == LedgerEntry.balance_id)
+                .where(Balance.customer_id == customer)
+                .order_by(LedgerEntry.id)
+            ).scalars()
+        ]
 
 
 def usage(http, customer: str) -> dict:
-    return http.get("/usage", params={"customer_id": customer},
-                    headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}).json()
+    return http.get(
+        "/usage", params={"customer_id": customer}, headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    ).json()
 
 
 @pytest.mark.broker
@@ -91,12 +100,19 @@ def test_usage_history_parses_with_the_official_sdk(db, http, worker, server, se
     now = int(time.time())
     customer, sub = subscribe(http, db, start=now - 3600, end=now + 30 * DAY)
     batch = [{"event_id": f"{sub}-{n}", "customer_id": customer, "event_name": "api_call"} for n in range(150)]
-    assert http.post("/events/ingest", json={"events": batch}, headers=service_headers).json() == {"ingested_count": 150}
+    assert http.post("/events/ingest", json={"events": batch}, headers=service_headers).json() == {
+        "ingested_count": 150
+    }
     wait_for(lambda: balance_of(db, customer, "requests").period_used == 150, what="150 events applied")
 
     deliver(http, invoice_paid(f"evt_renew_{sub}", sub, customer, now + 30 * DAY, now + 60 * DAY))
-    wait_for(lambda: balance_of(db, customer, "requests").period_included == 5000
-             and balance_of(db, customer, "requests").period_used == 0, what="the second period")
+    wait_for(
+        lambda: (
+            balance_of(db, customer, "requests").period_included == 5000
+            and balance_of(db, customer, "requests").period_used == 0
+        ),
+        what="the second period",
+    )
     more = [{"event_id": f"{sub}-p2-{n}", "customer_id": customer, "event_name": "api_call"} for n in range(5)]
     http.post("/events/ingest", json={"events": more}, headers=service_headers)
     wait_for(lambda: balance_of(db, customer, "requests").period_used == 5, what="5 events in period 2")
@@ -104,13 +120,19 @@ def test_usage_history_parses_with_the_official_sdk(db, http, worker, server, se
     client = dodopayments.DodoPayments(bearer_token=SERVICE_TOKEN, base_url=server.url, max_retries=0)
     page = client.subscriptions.retrieve_usage_history(sub)
     assert [item.start_date for item in page.items] == [
-        datetime.fromtimestamp(now + 30 * DAY, UTC), datetime.fromtimestamp(now - 3600, UTC)]
+        datetime.fromtimestamp(now + 30 * DAY, UTC),
+        datetime.fromtimestamp(now - 3600, UTC),
+    ]
     newest, first = page.items
     meter = first.meters[0]
     assert (meter.id, meter.name, meter.currency) == ("api_calls", "API calls", "USD")
     assert (meter.consumed_units, meter.free_threshold, meter.chargeable_units) == ("150", 100, "50")
     assert (meter.price_per_unit, meter.total_price) == ("0.01", 50)
-    assert (newest.meters[0].consumed_units, newest.meters[0].chargeable_units, newest.meters[0].total_price) == ("5", "0", 0)
+    assert (newest.meters[0].consumed_units, newest.meters[0].chargeable_units, newest.meters[0].total_price) == (
+        "5",
+        "0",
+        0,
+    )
 
     later = client.subscriptions.retrieve_usage_history(sub, start_date=datetime.fromtimestamp(now + 40 * DAY, UTC))
     assert [item.start_date for item in later.items] == [datetime.fromtimestamp(now + 30 * DAY, UTC)]
@@ -133,12 +155,24 @@ def test_usage_history_is_private_to_the_subscriptions_customer(db, http):
 
     owner, other = new_customer(db), new_customer(db)
     with db.write() as session:
-        session.add(Subscription(id="sub_private", provider="stripe", customer_id=owner, status="active",
-                                 current_period_start=utcnow() - timedelta(days=1),
-                                 current_period_end=utcnow() + timedelta(days=29)))
+        session.add(
+            Subscription(
+                id="sub_private",
+                provider="stripe",
+                customer_id=owner,
+                status="active",
+                current_period_start=utcnow() - timedelta(days=1),
+                current_period_end=utcnow() + timedelta(days=29),
+            )
+        )
     own = create_key(db, scope="customer", customer_id=owner)
     foreign = create_key(db, scope="customer", customer_id=other)
-    assert http.get("/subscriptions/sub_private/usage-history", headers={"Authorization": f"Bearer {own}"}).status_code == 200
-    assert http.get("/subscriptions/sub_private/usage-history",
-                    headers={"Authorization": f"Bearer {foreign}"}).status_code == 403
+    assert (
+        http.get("/subscriptions/sub_private/usage-history", headers={"Authorization": f"Bearer {own}"}).status_code
+        == 200
+    )
+    assert (
+        http.get("/subscriptions/sub_private/usage-history", headers={"Authorization": f"Bearer {foreign}"}).status_code
+        == 403
+    )
     assert http.get("/subscriptions/sub_private/usage-history").status_code == 401

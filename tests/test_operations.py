@@ -24,3 +24,10 @@ def test_the_openapi_document_lists_the_public_routes(http):
     assert document["openapi"].startswith("3.")
     assert {"/usage", "/webhooks/stripe"} <= set(document["paths"])
     assert "/metrics" not in document["paths"]
+
+
+def test_unknown_routes_and_wrong_methods_answer_in_the_api_error_shape(http):
+    missing = http.get("/no/such/route")
+    assert (missing.status_code, missing.json()) == (404, {"code": "not_found", "message": "Not Found"})
+    wrong = http.delete("/usage")
+    assert (wrong.status_code, wrong.json()["code"]) == (405, "method_not_allowed")

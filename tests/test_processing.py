@@ -39,15 +39,23 @@ def statuses(db: Database) -> dict[str, str]:
 
 def settle(db: Database, count: int) -> dict[str, str]:
     """Wait until `count` events have left `pending`."""
-    return wait_for(lambda: (s := statuses(db)) and len(s) == count and "pending" not in s.values() and s,
-                    what=f"{count} events applied")
+    return wait_for(
+        lambda: (s := statuses(db)) and len(s) == count and "pending" not in s.values() and s,
+        what=f"{count} events applied",
+    )
 
 
 def entries(db: Database, customer: str) -> list[tuple[str, int, int, int]]:
     with db.read() as session:
-        return [tuple(row) for row in session.execute(
-            select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.balance_after, LedgerEntry.overage_after)
-            .join(Balance).where(Balance.customer_id == customer).order_by(LedgerEntry.id)).all()]
+        return [
+            tuple(row)
+            for row in session.execute(
+                select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.balance_after, LedgerEntry.overage_after)
+                .join(Balance)
+                .where(Balance.customer_id == customer)
+                .order_by(LedgerEntry.id)
+            ).all()
+        ]
 
 
 def subscription(db: Database, sub_id: str) -> Subscription:
@@ -61,17 +69,34 @@ def lifecycle(sub_id: str, customer: str, t0: int, *, step: int) -> list[dict[st
     """created (incomplete) -> paid (active) -> cancel at period end -> deleted, `step` seconds apart."""
     start, end = t0, t0 + 30 * DAY
     return [
-        event(f"{sub_id}_1", "customer.subscription.created",
-              subscription_object(sub_id, customer, "incomplete", start, end), created=t0),
-        event(f"{sub_id}_2", "customer.subscription.updated",
-              subscription_object(sub_id, customer, "active", start, end), created=t0 + step,
-              previous_attributes={"status": "incomplete"}),
-        event(f"{sub_id}_3", "customer.subscription.updated",
-              subscription_object(sub_id, customer, "active", start, end, cancel_at_period_end=True),
-              created=t0 + 2 * step, previous_attributes={"cancel_at_period_end": False}),
-        event(f"{sub_id}_4", "customer.subscription.deleted",
-              subscription_object(sub_id, customer, "canceled", start, end, cancel_at_period_end=True,
-                                  canceled_at=t0 + 3 * step), created=t0 + 3 * step),
+        event(
+            f"{sub_id}_1",
+            "customer.subscription.created",
+            subscription_object(sub_id, customer, "incomplete", start, end),
+            created=t0,
+        ),
+        event(
+            f"{sub_id}_2",
+            "customer.subscription.updated",
+            subscription_object(sub_id, customer, "active", start, end),
+            created=t0 + step,
+            previous_attributes={"status": "incomplete"},
+        ),
+        event(
+            f"{sub_id}_3",
+            "customer.subscription.updated",
+            subscription_object(sub_id, customer, "active", start, end, cancel_at_period_end=True),
+            created=t0 + 2 * step,
+            previous_attributes={"cancel_at_period_end": False},
+        ),
+        event(
+            f"{sub_id}_4",
+            "customer.subscription.deleted",
+            subscription_object(
+                sub_id, customer, "canceled", start, end, cancel_at_period_end=True, canceled_at=t0 + 3 * step
+            ),
+            created=t0 + 3 * step,
+        ),
     ]
 
 
@@ -104,15 +129,23 @@ def test_same_second_updates_order_by_what_each_changed_from(db, http, worker):
 def test_a_paid_renewal_grants_the_new_period_once(db, http, worker, api):
     now = int(time.time())
     p1, p2, p3 = now - 10 * DAY, now + 20 * DAY, now + 50 * DAY
-    created = event("evt_r1", "customer.subscription.created",
-                    subscription_object("sub_r", "cus_r", "active", p1, p2, api=api), created=now - 10 * DAY)
+    created = event(
+        "evt_r1",
+        "customer.subscription.created",
+        subscription_object("sub_r", "cus_r", "active", p1, p2, api=api),
+        created=now - 10 * DAY,
+    )
     deliver(http, created)
     settle(db, 1)
     assert entries(db, "cus_r") == [("grant", 5000, 5000, 0)]
 
-    renewal = event("evt_r2", "customer.subscription.updated",
-                    subscription_object("sub_r", "cus_r", "active", p2, p3, api=api), created=now,
-                    previous_attributes={"current_period_start": p1, "current_period_end": p2})
+    renewal = event(
+        "evt_r2",
+        "customer.subscription.updated",
+        subscription_object("sub_r", "cus_r", "active", p2, p3, api=api),
+        created=now,
+        previous_attributes={"current_period_start": p1, "current_period_end": p2},
+    )
     paid = invoice_paid("evt_r3", "sub_r", "cus_r", p2, p3, created=now, api=api)
     deliveries = [renewal, paid] * 3
     random.Random(3).shuffle(deliveries)
@@ -130,8 +163,11 @@ def test_a_paid_renewal_grants_the_new_period_once(db, http, worker, api):
 
 def test_twenty_parallel_deliveries_have_one_effect(db, http, worker):
     now = int(time.time())
-    payload = event("evt_once", "customer.subscription.created",
-                    subscription_object("sub_once", "cus_once", "active", now, now + 30 * DAY))
+    payload = event(
+        "evt_once",
+        "customer.subscription.created",
+        subscription_object("sub_once", "cus_once", "active", now, now + 30 * DAY),
+    )
     with ThreadPoolExecutor(max_workers=20) as pool:
         assert {r.status_code for r in pool.map(lambda _: deliver(http, payload), range(20))} == {200}
     settle(db, 1)
@@ -175,8 +211,14 @@ def crash() -> Iterator[type[CrashBeforeCommit]]:
 def test_a_crash_mid_event_is_retried_and_applied_once(db, http, worker, crash):
     crash(times=2)
     now = int(time.time())
-    deliver(http, event("evt_crash", "customer.subscription.created",
-                        subscription_object("sub_crash", "cus_crash", "active", now, now + 30 * DAY)))
+    deliver(
+        http,
+        event(
+            "evt_crash",
+            "customer.subscription.created",
+            subscription_object("sub_crash", "cus_crash", "active", now, now + 30 * DAY),
+        ),
+    )
     assert settle(db, 1) == {"evt_crash": "processed"}
     with db.read() as session:
         stored = session.execute(select(InboxEvent)).scalar_one()
@@ -188,8 +230,14 @@ def test_a_crash_mid_event_is_retried_and_applied_once(db, http, worker, crash):
 def test_exhausted_retries_dead_letter_the_event_and_replay_applies_it(db, http, worker, crash):
     crash(times=get_settings().max_attempts)
     now = int(time.time())
-    deliver(http, event("evt_dead", "customer.subscription.created",
-                        subscription_object("sub_dead", "cus_dead", "active", now, now + 30 * DAY)))
+    deliver(
+        http,
+        event(
+            "evt_dead",
+            "customer.subscription.created",
+            subscription_object("sub_dead", "cus_dead", "active", now, now + 30 * DAY),
+        ),
+    )
     assert settle(db, 1) == {"evt_dead": "failed"}
     with db.read() as session:
         failed = session.execute(select(InboxEvent)).scalar_one()
@@ -205,8 +253,11 @@ def test_exhausted_retries_dead_letter_the_event_and_replay_applies_it(db, http,
 
 
 def test_an_authenticated_but_malformed_payload_is_dead_lettered_not_retried(db, http, worker):
-    bad = event("evt_bad", "customer.subscription.updated",
-                {"id": "sub_bad", "object": "subscription", "customer": "cus_bad", "status": "exploded"})
+    bad = event(
+        "evt_bad",
+        "customer.subscription.updated",
+        {"id": "sub_bad", "object": "subscription", "customer": "cus_bad", "status": "exploded"},
+    )
     assert deliver(http, bad).status_code == 200
     assert settle(db, 1) == {"evt_bad": "failed"}
     with db.read() as session:
@@ -217,8 +268,16 @@ def test_an_authenticated_but_malformed_payload_is_dead_lettered_not_retried(db,
 
 
 def test_unknown_types_are_skipped_not_failed(db, http, worker):
-    deliver(http, {"id": "evt_other", "object": "event", "type": "charge.refunded", "created": int(time.time()),
-                   "data": {"object": {"id": "ch_1"}}})
+    deliver(
+        http,
+        {
+            "id": "evt_other",
+            "object": "event",
+            "type": "charge.refunded",
+            "created": int(time.time()),
+            "data": {"object": {"id": "ch_1"}},
+        },
+    )
     assert settle(db, 1) == {"evt_other": "skipped"}
 
 
@@ -227,8 +286,14 @@ def test_broker_down_still_acknowledges_and_the_sweeper_delivers_later(db, worke
     app = create_app(get_settings(), jobs=declare_jobs(dead_broker, get_settings(), db), run_workers=False)
     now = int(time.time())
     with LiveServer(app) as live, httpx.Client(base_url=live.url) as client:
-        response = deliver(client, event("evt_nobroker", "customer.subscription.created",
-                                         subscription_object("sub_nb", "cus_nb", "active", now, now + 30 * DAY)))
+        response = deliver(
+            client,
+            event(
+                "evt_nobroker",
+                "customer.subscription.created",
+                subscription_object("sub_nb", "cus_nb", "active", now, now + 30 * DAY),
+            ),
+        )
         assert response.status_code == 200
         assert client.get("/readyz").status_code == 503
     time.sleep(0.2)

@@ -25,8 +25,13 @@ def inbox_count(db: Database) -> int:
 
 def a_body(event_id: str = "evt_sig") -> str:
     now = int(time.time())
-    return json.dumps(event(event_id, "customer.subscription.updated",
-                            subscription_object("sub_sig", "cus_sig", "active", now, now + 3600)))
+    return json.dumps(
+        event(
+            event_id,
+            "customer.subscription.updated",
+            subscription_object("sub_sig", "cus_sig", "active", now, now + 3600),
+        )
+    )
 
 
 def post(http: httpx.Client, body: str | bytes, signature: str | None) -> httpx.Response:
@@ -44,7 +49,11 @@ def test_a_valid_signature_stores_the_event(db, http):
     with db.read() as session:
         stored = session.execute(select(InboxEvent)).scalar_one()
     assert (stored.provider, stored.provider_event_id, stored.type, stored.status) == (
-        "stripe", "evt_sig", "customer.subscription.updated", "pending")
+        "stripe",
+        "evt_sig",
+        "customer.subscription.updated",
+        "pending",
+    )
     assert stored.body == body  # the exact bytes, for audit and replay
 
 
@@ -99,8 +108,11 @@ def test_a_bad_signature_is_refused_and_stores_nothing(db, http, case, signature
 
 
 def test_signed_garbage_is_refused_clearly(db, http):
-    for body, code in [("{not json", "invalid_json"), ("[1, 2]", "invalid_event"),
-                       (json.dumps({"type": "x"}), "invalid_event")]:
+    for body, code in [
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "invalid_event"),
+        (json.dumps({"type": "x"}), "invalid_event"),
+    ]:
         response = post(http, body, sign(body))
         assert (response.status_code, response.json()["code"]) == (400, code)
     raw = b'{"id": "evt_\xff"}'
@@ -117,10 +129,20 @@ def test_a_body_over_one_mebibyte_is_refused_before_it_is_read(db, http):
 
 
 def test_unknown_and_thin_events_are_stored_and_acknowledged(db, http):
-    unknown = {"id": "evt_unknown", "object": "event", "type": "radar.early_fraud_warning.created",
-               "created": int(time.time()), "data": {"object": {}}}
-    thin = {"id": "evt_thin", "object": "v2.core.event", "type": "v1.billing.meter.no_meter_found",
-            "created": "2026-11-22T03:00:00.000Z", "related_object": None}
+    unknown = {
+        "id": "evt_unknown",
+        "object": "event",
+        "type": "radar.early_fraud_warning.created",
+        "created": int(time.time()),
+        "data": {"object": {}},
+    }
+    thin = {
+        "id": "evt_thin",
+        "object": "v2.core.event",
+        "type": "v1.billing.meter.no_meter_found",
+        "created": "2026-11-22T03:00:00.000Z",
+        "related_object": None,
+    }
     assert deliver(http, unknown).status_code == 200
     assert deliver(http, thin).status_code == 200
     assert inbox_count(db) == 2
@@ -147,9 +169,7 @@ def test_database_down_answers_503_so_the_provider_retries(db):
 
 
 def test_no_secret_configured_answers_503_not_500(db):
-    from dataclasses import replace
-
-    app = create_app(replace(get_settings(), stripe_webhook_secrets=()), jobs=JOBS, run_workers=False)
+    app = create_app(get_settings().model_copy(update={"stripe_webhook_secrets": ()}), jobs=JOBS, run_workers=False)
     with LiveServer(app) as live, httpx.Client(base_url=live.url) as client:
         body = a_body()
         response = post(client, body, sign(body, STRIPE_SECRET))

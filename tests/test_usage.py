@@ -28,29 +28,70 @@ SEED_EXAMPLE = {
     "canceled_at": None,
     "unit": "request",
     "as_of": "2026-06-10T12:00:00Z",
-    "period": {"start": "2026-06-01T00:00:00Z", "end": "2026-07-01T00:00:00Z", "days_remaining": 21,
-               "elapsed_fraction": 0.3127},
-    "credits": {"included": 5000, "used": 4234, "remaining": 766, "overage": 0, "percent_used": 84.68,
-                "projected_used": 13540, "hard_cap": 6000, "in_overage": False},
+    "period": {
+        "start": "2026-06-01T00:00:00Z",
+        "end": "2026-07-01T00:00:00Z",
+        "days_remaining": 21,
+        "elapsed_fraction": 0.3127,
+    },
+    "credits": {
+        "included": 5000,
+        "used": 4234,
+        "remaining": 766,
+        "overage": 0,
+        "percent_used": 84.68,
+        "projected_used": 13540,
+        "hard_cap": 6000,
+        "in_overage": False,
+    },
 }
 JUNE = datetime(2026, 6, 1, tzinfo=UTC)
 JULY = datetime(2026, 7, 1, tzinfo=UTC)
 
 
-def subscribe(db: Database, customer: str, sub_id: str, *, status: str = "active", price: str = "price_123",
-              product: str = "prod_123", start: datetime = JUNE, end: datetime = JULY, used: int = 0) -> None:
+def subscribe(
+    db: Database,
+    customer: str,
+    sub_id: str,
+    *,
+    status: str = "active",
+    price: str = "price_123",
+    product: str = "prod_123",
+    start: datetime = JUNE,
+    end: datetime = JULY,
+    used: int = 0,
+) -> None:
     """A customer on a catalogue plan with `used` credits consumed, written through the services."""
     settings = get_settings()
     plan = settings.catalogue.plan_for(price_id=price, product_id=product)
     assert plan is not None
     with db.write() as session:
-        snapshot = SubscriptionSnapshot(id=sub_id, provider="stripe", customer_id=customer, status=status,
-                                        product_id=product, price_id=price, quantity=1, period_start=start,
-                                        period_end=end, cancel_at_period_end=False, canceled_at=None,
-                                        ended_at=None, plan_key=plan.key)
+        snapshot = SubscriptionSnapshot(
+            id=sub_id,
+            provider="stripe",
+            customer_id=customer,
+            status=status,
+            product_id=product,
+            price_id=price,
+            quantity=1,
+            period_start=start,
+            period_end=end,
+            cancel_at_period_end=False,
+            canceled_at=None,
+            ended_at=None,
+            plan_key=plan.key,
+        )
         assert apply_subscription_snapshot(session, snapshot, Watermark(at=1, rank=0, event_id=f"evt_{sub_id}"))
-        open_plan_period(session, settings.catalogue, plan, customer_id=customer,
-                         subscription_id=sub_id, start=start, end=end, source=Source())
+        open_plan_period(
+            session,
+            settings.catalogue,
+            plan,
+            customer_id=customer,
+            subscription_id=sub_id,
+            start=start,
+            end=end,
+            source=Source(),
+        )
         if used:
             balance = lock_balance(session, customer, settings.catalogue.entitlement_for(plan).id)
             deduct(session, balance, used, source=Source(dedupe_key=f"usage:{sub_id}"), now=start)
@@ -75,8 +116,12 @@ def test_the_seed_example_comes_out_field_for_field(db):
 
 @pytest.mark.parametrize(
     ("used", "usage_status", "overage", "in_overage"),
-    [(100, "ok", 0, False), (4000, "approaching_limit", 0, False), (5100, "in_overage", 100, True),
-     (6000, "limit_reached", 1000, True)],
+    [
+        (100, "ok", 0, False),
+        (4000, "approaching_limit", 0, False),
+        (5100, "in_overage", 100, True),
+        (6000, "limit_reached", 1000, True),
+    ],
 )
 def test_usage_status_follows_the_period_usage(db, used, usage_status, overage, in_overage):
     subscribe(db, "cus_s", "sub_s", used=used)
@@ -112,8 +157,16 @@ def test_a_customer_without_subscription_gets_status_none_and_zeroed_credits(db)
     assert response.status_code == 200
     document = response.json()
     assert (document["status"], document["usage_status"], document["period"]) == ("none", "inactive", None)
-    assert document["credits"] == {"included": 0, "used": 0, "remaining": 0, "overage": 0, "percent_used": 0.0,
-                                   "projected_used": None, "hard_cap": 0, "in_overage": False}
+    assert document["credits"] == {
+        "included": 0,
+        "used": 0,
+        "remaining": 0,
+        "overage": 0,
+        "percent_used": 0.0,
+        "projected_used": None,
+        "hard_cap": 0,
+        "in_overage": False,
+    }
 
 
 def test_tokens_decide_who_may_read_what(db, http):

@@ -70,12 +70,20 @@ class TokenCache:
     - An entry expires `ttl` after its lookup *started*: the row it read can be no older than that.
     """
 
-    def __init__(self, *, ttl: float = TOKEN_TTL_SECONDS, max_known: int = MAX_CACHED_TOKENS,
-                 max_unknown: int = MAX_CACHED_UNKNOWN, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        ttl: float = TOKEN_TTL_SECONDS,
+        max_known: int = MAX_CACHED_TOKENS,
+        max_unknown: int = MAX_CACHED_UNKNOWN,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl, self.clock = ttl, clock
         self._limits = {True: max_known, False: max_unknown}
         self._entries: dict[bool, OrderedDict[str, tuple[float, Principal | None]]] = {
-            True: OrderedDict(), False: OrderedDict()}
+            True: OrderedDict(),
+            False: OrderedDict(),
+        }
         self._in_flight: dict[str, asyncio.Future[Principal | None]] = {}
 
     def __len__(self) -> int:

@@ -281,8 +281,10 @@ class OneRowRead:
             row = await read_connections(adb).run(lambda driver: driver.fetchrow(compiled.sql, *arguments))
         if row is None:
             return None
-        return {key: value if process is None else process(value)
-                for key, process, value in zip(compiled.keys, compiled.processors, row, strict=True)}
+        return {
+            key: value if process is None else process(value)
+            for key, process, value in zip(compiled.keys, compiled.processors, row, strict=True)
+        }
 
 
 # --- amounts as Dodo renders them --------------------------------------------------------------
@@ -304,8 +306,11 @@ class Format:
 
 def format_columns() -> list[ColumnElement[Any]]:
     """What `format_of` reads: to be selected with the entitlement outer-joined to its provider row."""
-    return [entitlements.c.precision.label("precision"), entitlements.c.managed_by.label("managed_by"),
-            provider_entitlements.c.display_precision.label("display_precision")]
+    return [
+        entitlements.c.precision.label("precision"),
+        entitlements.c.managed_by.label("managed_by"),
+        provider_entitlements.c.display_precision.label("display_precision"),
+    ]
 
 
 def format_of(row: RowLike) -> Format:
@@ -340,32 +345,57 @@ def usage_status(row: RowLike, *, overage_enabled: bool, overage_limit: int | No
     }
 
 
-_ENTITLEMENT_COLUMNS = [entitlements.c.id.label("entitlement_id"), entitlements.c.name.label("entitlement_name"),
-                        entitlements.c.unit.label("unit"), *format_columns()]
+_ENTITLEMENT_COLUMNS = [
+    entitlements.c.id.label("entitlement_id"),
+    entitlements.c.name.label("entitlement_name"),
+    entitlements.c.unit.label("unit"),
+    *format_columns(),
+]
 _SUBSCRIPTION_CUSTOMER = select(subscriptions.c.customer_id).where(subscriptions.c.id == bindparam("subscription_id"))
-_CART_LINES = _with_format(
-    select(subscription_credits.c.overage_enabled.label("line_overage_enabled"),
-           subscription_credits.c.overage_limit.label("line_overage_limit"),
-           balances.c.balance.label("balance"), balances.c.overage.label("overage"), *_ENTITLEMENT_COLUMNS)
-    .select_from(subscription_credits)
-    .join(entitlements, entitlements.c.id == subscription_credits.c.entitlement_id)
-    .outerjoin(balances, and_(balances.c.customer_id == bindparam("customer_id"),
-                              balances.c.entitlement_id == entitlements.c.id))
-).where(subscription_credits.c.subscription_id == bindparam("subscription_id")).order_by(subscription_credits.c.id)
-_NATIVE_BALANCES = _with_format(
-    select(balances.c.overage_enabled.label("balance_overage_enabled"),
-           balances.c.overage_limit.label("balance_overage_limit"),
-           balances.c.balance.label("balance"), balances.c.overage.label("overage"), *_ENTITLEMENT_COLUMNS)
-    .select_from(balances).join(entitlements, entitlements.c.id == balances.c.entitlement_id)
-).where(balances.c.customer_id == bindparam("customer_id"),
-        balances.c.subscription_id == bindparam("subscription_id")).order_by(balances.c.id)
+_CART_LINES = (
+    _with_format(
+        select(
+            subscription_credits.c.overage_enabled.label("line_overage_enabled"),
+            subscription_credits.c.overage_limit.label("line_overage_limit"),
+            balances.c.balance.label("balance"),
+            balances.c.overage.label("overage"),
+            *_ENTITLEMENT_COLUMNS,
+        )
+        .select_from(subscription_credits)
+        .join(entitlements, entitlements.c.id == subscription_credits.c.entitlement_id)
+        .outerjoin(
+            balances,
+            and_(balances.c.customer_id == bindparam("customer_id"), balances.c.entitlement_id == entitlements.c.id),
+        )
+    )
+    .where(subscription_credits.c.subscription_id == bindparam("subscription_id"))
+    .order_by(subscription_credits.c.id)
+)
+_NATIVE_BALANCES = (
+    _with_format(
+        select(
+            balances.c.overage_enabled.label("balance_overage_enabled"),
+            balances.c.overage_limit.label("balance_overage_limit"),
+            balances.c.balance.label("balance"),
+            balances.c.overage.label("overage"),
+            *_ENTITLEMENT_COLUMNS,
+        )
+        .select_from(balances)
+        .join(entitlements, entitlements.c.id == balances.c.entitlement_id)
+    )
+    .where(
+        balances.c.customer_id == bindparam("customer_id"), balances.c.subscription_id == bindparam("subscription_id")
+    )
+    .order_by(balances.c.id)
+)
 
 
 async def subscription_customer(adb: AsyncDatabase, subscription_id: str) -> str:
     """The customer of a subscription, for the token check before anything is read; 404 if unknown."""
     async with reading(adb) as connection:
-        customer_id = (await connection.execute(_SUBSCRIPTION_CUSTOMER, {"subscription_id": subscription_id})
-                       ).scalar_one_or_none()
+        customer_id = (
+            await connection.execute(_SUBSCRIPTION_CUSTOMER, {"subscription_id": subscription_id})
+        ).scalar_one_or_none()
     if customer_id is None:
         raise NotFound(f"no subscription {subscription_id!r}")
     return str(customer_id)
@@ -377,26 +407,41 @@ async def credit_usage_document(adb: AsyncDatabase, subscription_id: str, custom
     async with reading(adb) as connection:
         lines = (await connection.execute(_CART_LINES, parameters)).mappings().all()
         native = (await connection.execute(_NATIVE_BALANCES, parameters)).mappings().all()
-    items = [usage_status(line, overage_enabled=line["line_overage_enabled"],
-                          overage_limit=line["line_overage_limit"]) for line in lines]
+    items = [
+        usage_status(line, overage_enabled=line["line_overage_enabled"], overage_limit=line["line_overage_limit"])
+        for line in lines
+    ]
     seen = {line["entitlement_id"] for line in lines}
-    items += [usage_status(row, overage_enabled=row["balance_overage_enabled"],
-                           overage_limit=row["balance_overage_limit"])
-              for row in native if row["entitlement_id"] not in seen]
+    items += [
+        usage_status(row, overage_enabled=row["balance_overage_enabled"], overage_limit=row["balance_overage_limit"])
+        for row in native
+        if row["entitlement_id"] not in seen
+    ]
     return {"subscription_id": subscription_id, "items": items}
 
 
 # --- GET /credit-entitlements/{ce}/balances/{customer_id} (seed 003) -----------------------------
 
 
-BALANCE = OneRowRead(_with_format(
-    select(balances.c.id.label("id"), balances.c.customer_id.label("customer_id"),
-           balances.c.entitlement_id.label("entitlement_id"), balances.c.balance.label("balance"),
-           balances.c.overage.label("overage"), balances.c.created_at.label("created_at"),
-           balances.c.updated_at.label("updated_at"), balances.c.last_transaction_at.label("last_transaction_at"),
-           *format_columns())
-    .select_from(balances).join(entitlements, entitlements.c.id == balances.c.entitlement_id)
-).where(balances.c.customer_id == bindparam("customer_id"), balances.c.entitlement_id == bindparam("entitlement_id")))
+BALANCE = OneRowRead(
+    _with_format(
+        select(
+            balances.c.id.label("id"),
+            balances.c.customer_id.label("customer_id"),
+            balances.c.entitlement_id.label("entitlement_id"),
+            balances.c.balance.label("balance"),
+            balances.c.overage.label("overage"),
+            balances.c.created_at.label("created_at"),
+            balances.c.updated_at.label("updated_at"),
+            balances.c.last_transaction_at.label("last_transaction_at"),
+            *format_columns(),
+        )
+        .select_from(balances)
+        .join(entitlements, entitlements.c.id == balances.c.entitlement_id)
+    ).where(
+        balances.c.customer_id == bindparam("customer_id"), balances.c.entitlement_id == bindparam("entitlement_id")
+    )
+)
 """A customer's balance in one entitlement, with how to render it: all seed 003 needs, in one statement."""
 
 
@@ -433,16 +478,29 @@ class LedgerFilter:
 
 
 _ENTRIES = (
-    select(ledger_entries.c.id, ledger_entries.c.kind, ledger_entries.c.amount, ledger_entries.c.balance_before,
-           ledger_entries.c.balance_after, ledger_entries.c.overage_before, ledger_entries.c.overage_after,
-           ledger_entries.c.grant_id, ledger_entries.c.usage_event_id, ledger_entries.c.idempotency_key,
-           ledger_entries.c.external_id, ledger_entries.c.description, ledger_entries.c.created_at,
-           provider_entries.c.ledger_entry_id.label("provider_entry_id"),
-           provider_entries.c.transaction_type.label("provider_transaction_type"),
-           provider_entries.c.is_credit.label("provider_is_credit"),
-           provider_entries.c.amount.label("provider_amount"),
-           provider_entries.c.provider_grant_id, provider_entries.c.reference_type, provider_entries.c.reference_id,
-           provider_entries.c.extra)
+    select(
+        ledger_entries.c.id,
+        ledger_entries.c.kind,
+        ledger_entries.c.amount,
+        ledger_entries.c.balance_before,
+        ledger_entries.c.balance_after,
+        ledger_entries.c.overage_before,
+        ledger_entries.c.overage_after,
+        ledger_entries.c.grant_id,
+        ledger_entries.c.usage_event_id,
+        ledger_entries.c.idempotency_key,
+        ledger_entries.c.external_id,
+        ledger_entries.c.description,
+        ledger_entries.c.created_at,
+        provider_entries.c.ledger_entry_id.label("provider_entry_id"),
+        provider_entries.c.transaction_type.label("provider_transaction_type"),
+        provider_entries.c.is_credit.label("provider_is_credit"),
+        provider_entries.c.amount.label("provider_amount"),
+        provider_entries.c.provider_grant_id,
+        provider_entries.c.reference_type,
+        provider_entries.c.reference_id,
+        provider_entries.c.extra,
+    )
     .select_from(ledger_entries)
     .outerjoin(provider_entries, provider_entries.c.ledger_entry_id == ledger_entries.c.id)
 )
@@ -484,24 +542,33 @@ def _entry_document(entry: RowLike, balance: RowLike, fmt: Format) -> dict[str, 
     }
 
 
-async def ledger_document(adb: AsyncDatabase, customer_id: str, entitlement_id: str, page: Page,
-                          filters: LedgerFilter) -> dict[str, Any]:
+async def ledger_document(
+    adb: AsyncDatabase, customer_id: str, entitlement_id: str, page: Page, filters: LedgerFilter
+) -> dict[str, Any]:
     """The balance's entries, newest first in the provider's order (time, then chain position); 404 without one."""
     balance = await find_balance(adb, customer_id, entitlement_id)
     query = _ENTRIES.where(ledger_entries.c.balance_id == balance["id"])
     if filters.transaction_type:
         kinds = [kind for kind, name in TRANSACTION_TYPES.items() if name == filters.transaction_type]
-        query = query.where(or_(
-            provider_entries.c.transaction_type == filters.transaction_type,
-            and_(provider_entries.c.ledger_entry_id.is_(None), ledger_entries.c.kind.in_(kinds)),
-        ))
+        query = query.where(
+            or_(
+                provider_entries.c.transaction_type == filters.transaction_type,
+                and_(provider_entries.c.ledger_entry_id.is_(None), ledger_entries.c.kind.in_(kinds)),
+            )
+        )
     if filters.start:
         query = query.where(ledger_entries.c.created_at >= filters.start)
     if filters.end:
         query = query.where(ledger_entries.c.created_at <= filters.end)
-    query = (query.order_by(ledger_entries.c.created_at.desc(),
-                            func.coalesce(provider_entries.c.chain_position, -1).desc(), ledger_entries.c.id.desc())
-             .limit(page.size).offset(page.offset))
+    query = (
+        query.order_by(
+            ledger_entries.c.created_at.desc(),
+            func.coalesce(provider_entries.c.chain_position, -1).desc(),
+            ledger_entries.c.id.desc(),
+        )
+        .limit(page.size)
+        .offset(page.offset)
+    )
     async with reading(adb) as connection:
         rows = (await connection.execute(query)).mappings().all()
     fmt = format_of(balance)
@@ -517,8 +584,14 @@ _USED_ATOMS = (
     .scalar_subquery()
 )
 _CREDITS = (
-    select(customers.c.id.label("customer_id"), balances.c.id.label("balance_id"), balances.c.balance,
-           balances.c.overage, entitlements.c.precision, _USED_ATOMS.label("used_atoms"))
+    select(
+        customers.c.id.label("customer_id"),
+        balances.c.id.label("balance_id"),
+        balances.c.balance,
+        balances.c.overage,
+        entitlements.c.precision,
+        _USED_ATOMS.label("used_atoms"),
+    )
     .select_from(customers)
     .outerjoin(balances, balances.c.customer_id == customers.c.id)
     .outerjoin(entitlements, entitlements.c.id == balances.c.entitlement_id)

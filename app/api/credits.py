@@ -60,8 +60,7 @@ async def get_balance(request: Request) -> JSONResponse:
 
 async def get_balance_ledger(request: Request) -> JSONResponse:
     """
-    summary: The ledger entries of a balance, newest first (page_size, page_number; transaction_type, start_date,
-      end_date)
+    summary: The ledger entries of a balance, newest first (paginated; transaction_type, start_date, end_date)
     responses:
       200: {description: "{items: [CreditLedgerEntry]}"}
       401: {description: missing or unknown token}
@@ -74,8 +73,9 @@ async def get_balance_ledger(request: Request) -> JSONResponse:
     principal.check_customer(customer_id)
     params = request.query_params
     page = page_from(params)
-    filters = LedgerFilter(params.get("transaction_type") or None, instant_param(params, "start_date"),
-                           instant_param(params, "end_date"))
+    filters = LedgerFilter(
+        params.get("transaction_type") or None, instant_param(params, "start_date"), instant_param(params, "end_date")
+    )
     return JSONResponse(await ledger_document(services(request).adb, customer_id, entitlement_id, page, filters))
 
 
@@ -99,7 +99,10 @@ async def get_credits(request: Request) -> JSONResponse:
 routes = [
     Route("/subscriptions/{subscription_id}/credit-usage", get_credit_usage, methods=["GET"]),
     Route("/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}", get_balance, methods=["GET"]),
-    Route("/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger", get_balance_ledger,
-          methods=["GET"]),
+    Route(
+        "/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger",
+        get_balance_ledger,
+        methods=["GET"],
+    ),
     Route("/credits", get_credits, methods=["GET"]),
 ]

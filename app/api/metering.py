@@ -31,7 +31,25 @@ def _require_service(principal: Principal) -> None:
 async def ingest_events(request: Request) -> JSONResponse:
     """
     summary: Report usage events (Dodo's shape); stored before the answer, applied by workers
-    requestBody: {content: {application/json: {schema: {type: object, required: [events], properties: {events: {type: array, maxItems: 1000, items: {type: object, required: [event_id, customer_id, event_name], properties: {event_id: {type: string}, customer_id: {type: string}, event_name: {type: string}, timestamp: {type: string, format: date-time}, metadata: {type: object}}}}}}}}}
+    requestBody:
+      content:
+        application/json:
+          schema:
+            type: object
+            required: [events]
+            properties:
+              events:
+                type: array
+                maxItems: 1000
+                items:
+                  type: object
+                  required: [event_id, customer_id, event_name]
+                  properties:
+                    event_id: {type: string}
+                    customer_id: {type: string}
+                    event_name: {type: string}
+                    timestamp: {type: string, format: date-time}
+                    metadata: {type: object}
     responses:
       200: {description: '{"ingested_count": n}, counting events new to Tally'}
       401: {description: missing or unknown token}
@@ -85,9 +103,14 @@ async def create_ledger_entry(request: Request) -> JSONResponse:
     entry_request = entries.parse_entry_request(await read_json(request))
     app = services(request)
     outcome = await run_in_threadpool(
-        entries.create_ledger_entry, app.db, app.settings.catalogue,
-        entitlement_id=request.path_params["credit_entitlement_id"], customer_id=request.path_params["customer_id"],
-        request=entry_request, now=app.clock())
+        entries.create_ledger_entry,
+        app.db,
+        app.settings.catalogue,
+        entitlement_id=request.path_params["credit_entitlement_id"],
+        customer_id=request.path_params["customer_id"],
+        request=entry_request,
+        now=app.clock(),
+    )
     status, body = entry_answer(outcome)
     return JSONResponse(body, status_code=status)
 
@@ -96,9 +119,11 @@ def _history(request: Request, principal: Principal) -> dict[str, Any]:
     app = services(request)
     params = request.query_params
     page = page_from(params)
-    query = history.HistoryQuery(start_date=instant_param(params, "start_date"),
-                                 end_date=instant_param(params, "end_date"),
-                                 meter_id=params.get("meter_id") or None)
+    query = history.HistoryQuery(
+        start_date=instant_param(params, "start_date"),
+        end_date=instant_param(params, "end_date"),
+        meter_id=params.get("meter_id") or None,
+    )
     subscription_id = request.path_params["subscription_id"]
     with app.db.read() as session:
         subscription = session.get(Subscription, subscription_id)
@@ -127,7 +152,10 @@ async def usage_history(request: Request) -> JSONResponse:
 
 routes = [
     Route("/events/ingest", ingest_events, methods=["POST"]),
-    Route("/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger-entries",
-          create_ledger_entry, methods=["POST"]),
+    Route(
+        "/credit-entitlements/{credit_entitlement_id}/balances/{customer_id}/ledger-entries",
+        create_ledger_entry,
+        methods=["POST"],
+    ),
     Route("/subscriptions/{subscription_id}/usage-history", usage_history, methods=["GET"]),
 ]

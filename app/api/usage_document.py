@@ -36,10 +36,15 @@ def _current_subscription_id() -> Any:
     candidate = subscriptions.alias("candidate")
     live = candidate.c.status.in_([literal_column(f"'{status}'") for status in sorted(LIVE_STATUSES)])
     return (
-        select(candidate.c.id).where(candidate.c.customer_id == bindparam("customer_id"))
-        .order_by(case((live, 0), else_=1), candidate.c.current_period_start.desc().nulls_last(),
-                  candidate.c.created_at.desc())
-        .limit(1).scalar_subquery()
+        select(candidate.c.id)
+        .where(candidate.c.customer_id == bindparam("customer_id"))
+        .order_by(
+            case((live, 0), else_=1),
+            candidate.c.current_period_start.desc().nulls_last(),
+            candidate.c.created_at.desc(),
+        )
+        .limit(1)
+        .scalar_subquery()
     )
 
 
@@ -49,25 +54,33 @@ def _newest_balance_id(subscription_id: Any) -> Any:
     return (
         select(candidate.c.id)
         .where(candidate.c.customer_id == bindparam("customer_id"), candidate.c.subscription_id == subscription_id)
-        .order_by(candidate.c.period_start.desc()).limit(1).scalar_subquery()
+        .order_by(candidate.c.period_start.desc())
+        .limit(1)
+        .scalar_subquery()
     )
 
 
 USAGE = OneRowRead(
     select(
         customers.c.id.label("customer_id"),
-        subscriptions.c.id.label("subscription_id"), subscriptions.c.status.label("status"),
-        subscriptions.c.plan_key.label("plan_key"), subscriptions.c.price_id.label("price_id"),
+        subscriptions.c.id.label("subscription_id"),
+        subscriptions.c.status.label("status"),
+        subscriptions.c.plan_key.label("plan_key"),
+        subscriptions.c.price_id.label("price_id"),
         subscriptions.c.product_id.label("product_id"),
         subscriptions.c.cancel_at_period_end.label("cancel_at_period_end"),
         subscriptions.c.canceled_at.label("canceled_at"),
         subscriptions.c.current_period_start.label("subscription_start"),
         subscriptions.c.current_period_end.label("subscription_end"),
-        balances.c.id.label("balance_id"), balances.c.period_included.label("period_included"),
-        balances.c.period_used.label("period_used"), balances.c.hard_cap.label("hard_cap"),
-        balances.c.overage_enabled.label("overage_enabled"), balances.c.period_start.label("period_start"),
+        balances.c.id.label("balance_id"),
+        balances.c.period_included.label("period_included"),
+        balances.c.period_used.label("period_used"),
+        balances.c.hard_cap.label("hard_cap"),
+        balances.c.overage_enabled.label("overage_enabled"),
+        balances.c.period_start.label("period_start"),
         balances.c.period_end.label("period_end"),
-        entitlements.c.id.label("entitlement_id"), entitlements.c.precision.label("precision"),
+        entitlements.c.id.label("entitlement_id"),
+        entitlements.c.precision.label("precision"),
         entitlements.c.unit.label("unit"),
     )
     .select_from(customers)
@@ -115,8 +128,9 @@ def usage_document(row: RowLike, *, now: datetime, approaching_ratio: Decimal) -
         included = from_atoms(row["period_included"], precision)
         used = from_atoms(row["period_used"], precision)
         hard_cap = None if row["hard_cap"] is None else from_atoms(row["hard_cap"], precision)
-        at_limit = period_limit_reached(row["period_used"], row["period_included"], hard_cap=row["hard_cap"],
-                                        overage_enabled=row["overage_enabled"])
+        at_limit = period_limit_reached(
+            row["period_used"], row["period_included"], hard_cap=row["hard_cap"], overage_enabled=row["overage_enabled"]
+        )
         start, end = row["period_start"], row["period_end"]
     elif subscribed:
         start, end = row["subscription_start"], row["subscription_end"]

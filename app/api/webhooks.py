@@ -11,10 +11,10 @@ from starlette.routing import Route
 
 from app.api.http import parse_json, read_body, services
 from app.errors import Malformed, Unavailable
-from app.times import utcnow
-from app.validation import MAX_ID_LENGTH, storable
 from app.providers.dodo.signature import verify_dodo_signature
 from app.providers.stripe.signature import verify_stripe_signature
+from app.times import utcnow
+from app.validation import MAX_ID_LENGTH, storable
 
 WEBHOOKS = Counter("tally_webhooks_total", "Webhook deliveries by provider and outcome", ["provider", "outcome"])
 
@@ -36,8 +36,15 @@ async def _accept(request: Request, *, provider: str, event_id: Any, event_type:
             storable(value)
         except ValueError as error:
             raise Malformed(f"the event's {name} {error}", code="invalid_event") from None
-    row = {"provider": provider, "provider_event_id": event_id, "type": event_type, "body": body.decode("utf-8"),
-           "received_at": utcnow(), "status": "pending", "attempts": 0}
+    row = {
+        "provider": provider,
+        "provider_event_id": event_id,
+        "type": event_type,
+        "body": body.decode("utf-8"),
+        "received_at": utcnow(),
+        "status": "pending",
+        "attempts": 0,
+    }
     [inbox_event_id] = await services(request).inbox_intake.submit([row])
     if inbox_event_id is None:
         WEBHOOKS.labels(provider, "duplicate").inc()
@@ -60,11 +67,16 @@ async def stripe_webhook(request: Request) -> JSONResponse:
     if not app.settings.stripe_webhook_secrets:
         raise Unavailable("STRIPE_WEBHOOK_SECRET is not set", code="not_configured")
     body = await read_body(request)
-    verify_stripe_signature(body, request.headers.get("stripe-signature"), app.settings.stripe_webhook_secrets,
-                            tolerance=app.settings.webhook_tolerance_seconds)
+    verify_stripe_signature(
+        body,
+        request.headers.get("stripe-signature"),
+        app.settings.stripe_webhook_secrets,
+        tolerance=app.settings.webhook_tolerance_seconds,
+    )
     payload = _event_json(body)
-    return await _accept(request, provider="stripe", event_id=payload.get("id"), event_type=payload.get("type"),
-                         body=body)
+    return await _accept(
+        request, provider="stripe", event_id=payload.get("id"), event_type=payload.get("type"), body=body
+    )
 
 
 async def dodo_webhook(request: Request) -> JSONResponse:
@@ -81,8 +93,9 @@ async def dodo_webhook(request: Request) -> JSONResponse:
     if not app.settings.dodo_webhook_keys:
         raise Unavailable("DODO_PAYMENTS_WEBHOOK_KEY is not set", code="not_configured")
     body = await read_body(request)
-    webhook_id = verify_dodo_signature(body, request.headers, app.settings.dodo_webhook_keys,
-                                       tolerance=app.settings.webhook_tolerance_seconds)
+    webhook_id = verify_dodo_signature(
+        body, request.headers, app.settings.dodo_webhook_keys, tolerance=app.settings.webhook_tolerance_seconds
+    )
     payload = _event_json(body)
     return await _accept(request, provider="dodo", event_id=webhook_id, event_type=payload.get("type"), body=body)
 

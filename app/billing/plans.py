@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.catalogue import Catalogue, PlanSpec
 from app.ledger.amounts import to_atoms
 from app.ledger.posting import Source
 from app.ledger.service import PeriodTerms, lock_balance, start_period, sync_entitlement
+from app.models import Balance
 
 
-def period_terms(catalogue: Catalogue, plan: PlanSpec, *, subscription_id: str, start: datetime, end: datetime,
-                 precision: int) -> PeriodTerms:
+def period_terms(
+    catalogue: Catalogue, plan: PlanSpec, *, subscription_id: str, start: datetime, end: datetime, precision: int
+) -> PeriodTerms:
     """What `plan` gives for one period, in atoms at the entitlement's precision."""
     spec = catalogue.entitlement_for(plan)
     limits = [limit for limit in (plan.overage_limit, spec.overage_limit) if limit is not None]
@@ -35,13 +38,31 @@ def period_terms(catalogue: Catalogue, plan: PlanSpec, *, subscription_id: str, 
 
 
 def open_plan_period(
-    session: Session, catalogue: Catalogue, plan: PlanSpec, *, customer_id: str, subscription_id: str,
-    start: datetime, end: datetime, source: Source,
+    session: Session,
+    catalogue: Catalogue,
+    plan: PlanSpec,
+    *,
+    customer_id: str,
+    subscription_id: str,
+    start: datetime,
+    end: datetime,
+    source: Source,
 ) -> bool:
-    """Grant a plan's credits for a period (once), moving the customer's balance into it."""
+    """Grant a plan's credits for a period (once), moving the customer's balance into it.
+
+    Periods only move forward, so a balance already in this period or a later one (read without a
+    lock) needs nothing: most events of a subscription are not its renewal, and they skip the lock
+    that the renewal would otherwise make them wait for.
+    """
     spec = catalogue.entitlement_for(plan)
+    current = session.execute(
+        select(Balance.period_start).where(Balance.customer_id == customer_id, Balance.entitlement_id == spec.id)
+    ).scalar_one_or_none()
+    if current is not None and start <= current:
+        return False
     entitlement = sync_entitlement(session, spec)
-    terms = period_terms(catalogue, plan, subscription_id=subscription_id, start=start, end=end,
-                         precision=entitlement.precision)
+    terms = period_terms(
+        catalogue, plan, subscription_id=subscription_id, start=start, end=end, precision=entitlement.precision
+    )
     balance = lock_balance(session, customer_id, spec.id)
     return start_period(session, balance, terms, source=source)

@@ -19,15 +19,23 @@ Enqueue = Callable[[int], None]
 def store_event(db: Database, *, provider: str, event_id: str, event_type: str, body: str) -> int | None:
     """Insert the event; its id when it is new, None when it is a duplicate delivery."""
     with db.write() as session:
-        inserted = insert_ignoring_conflicts(session, InboxEvent, {
-            "provider": provider, "provider_event_id": event_id, "type": event_type, "body": body,
-            "received_at": utcnow(),
-        })
+        inserted = insert_ignoring_conflicts(
+            session,
+            InboxEvent,
+            {
+                "provider": provider,
+                "provider_event_id": event_id,
+                "type": event_type,
+                "body": body,
+                "received_at": utcnow(),
+            },
+        )
         return None if inserted is None else int(inserted[0])
 
 
-def receive_event(db: Database, enqueue: Enqueue, *, provider: str, event_id: str, event_type: str,
-                  body: str) -> int | None:
+def receive_event(
+    db: Database, enqueue: Enqueue, *, provider: str, event_id: str, event_type: str, body: str
+) -> int | None:
     """Store, commit, then ring: the webhook path in one call (one hop off the event loop)."""
     inbox_event_id = store_event(db, provider=provider, event_id=event_id, event_type=event_type, body=body)
     if inbox_event_id is not None:
@@ -35,7 +43,9 @@ def receive_event(db: Database, enqueue: Enqueue, *, provider: str, event_id: st
     return inbox_event_id
 
 
-def sweep(db: Database, enqueue: Enqueue, *, older_than: timedelta, now: datetime | None = None, limit: int = 500) -> int:
+def sweep(
+    db: Database, enqueue: Enqueue, *, older_than: timedelta, now: datetime | None = None, limit: int = 500
+) -> int:
     """Enqueue pending events that no worker has picked up within `older_than` (lost message, crash)."""
     now = now or utcnow()
     with db.write() as session:

@@ -32,15 +32,27 @@ def _label(balance: Balance) -> str:
 def _audit_native(session: Session, mirrored: set[int]) -> list[str]:
     problems: list[str] = []
     balances = {b.id: b for b in session.execute(select(Balance)).scalars() if b.id not in mirrored}
-    held = dict(session.execute(
-        select(Grant.balance_id, func.sum(Grant.remaining)).where(Grant.expired_at.is_(None)).group_by(Grant.balance_id)
-    ).all())
+    held = dict(
+        session.execute(
+            select(Grant.balance_id, func.sum(Grant.remaining))
+            .where(Grant.expired_at.is_(None))
+            .group_by(Grant.balance_id)
+        ).all()
+    )
     # One pass over every entry in write order, streamed: memory stays flat however long the ledger.
     walk: dict[int, tuple[tuple[int, int], int, int]] = {}  # balance id -> (last after, sum, count)
     entries = session.execute(
-        select(LedgerEntry.id, LedgerEntry.balance_id, LedgerEntry.amount, LedgerEntry.balance_before,
-               LedgerEntry.overage_before, LedgerEntry.balance_after, LedgerEntry.overage_after)
-        .order_by(LedgerEntry.balance_id, LedgerEntry.id).execution_options(yield_per=5000)
+        select(
+            LedgerEntry.id,
+            LedgerEntry.balance_id,
+            LedgerEntry.amount,
+            LedgerEntry.balance_before,
+            LedgerEntry.overage_before,
+            LedgerEntry.balance_after,
+            LedgerEntry.overage_after,
+        )
+        .order_by(LedgerEntry.balance_id, LedgerEntry.id)
+        .execution_options(yield_per=5000)
     )
     for entry_id, balance_id, amount, balance_before, overage_before, balance_after, overage_after in entries:
         balance = balances.get(balance_id)
@@ -48,8 +60,10 @@ def _audit_native(session: Session, mirrored: set[int]) -> list[str]:
             continue
         previous, total, count = walk.get(balance_id, ((0, 0), 0, 0))
         if (balance_before, overage_before) != previous:
-            problems.append(f"{_label(balance)}: entry {entry_id} starts at {(balance_before, overage_before)} "
-                            f"but the previous entry ended at {previous}")
+            problems.append(
+                f"{_label(balance)}: entry {entry_id} starts at {(balance_before, overage_before)} "
+                f"but the previous entry ended at {previous}"
+            )
         if (balance_after - overage_after) - (balance_before - overage_before) != amount:
             problems.append(f"{_label(balance)}: entry {entry_id} amount {amount} does not match its before/after")
         walk[balance_id] = ((balance_after, overage_after), total + amount, count + 1)
@@ -67,7 +81,9 @@ def _audit_native(session: Session, mirrored: set[int]) -> list[str]:
         if balance.balance < 0 or balance.overage < 0:
             problems.append(f"{label}: negative balance or overage ({balance.balance}, {balance.overage})")
         if balance.balance != (held.get(balance_id) or 0):
-            problems.append(f"{label}: balance {balance.balance} but its unexpired grants hold {held.get(balance_id) or 0}")
+            problems.append(
+                f"{label}: balance {balance.balance} but its unexpired grants hold {held.get(balance_id) or 0}"
+            )
         if balance.overage_limit is not None and balance.overage > balance.overage_limit:
             problems.append(f"{label}: overage {balance.overage} is past its limit {balance.overage_limit}")
     return problems

@@ -21,6 +21,12 @@ where a gap jump is what the missing entries moved. `verify_mirrored` checks exa
 recorded gaps as known (not as corruption); an unrecorded or stale gap, a wrong amount, or a balance
 that is not its last entry's after-values are breaches.
 
+Reconciliation adjustments (`adjust_mirrored`) are the one kind of Tally entry a mirrored balance may
+hold: when the provider's balance differs and no entry of its ledger explains it, the provider is
+authoritative, and one `reconciliation_adjustment` entry moves the mirror from where its chain ends
+to the provider's values. It takes part in the chain like a provider entry (ordered by its time,
+linked by its before/after), so the provider's next entry follows it without a gap.
+
 This module takes plain values (ids, atoms, datetimes); provider payload formats stay in
 `app.providers`.
 """
@@ -29,10 +35,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import insert_ignoring_conflicts, utcnow
@@ -40,6 +46,9 @@ from app.ledger.errors import LedgerError, ProviderManaged
 from app.ledger.posting import Position, Posting, Source, State, net, post_one, reposition
 from app.ledger.service import find_entry, lock_balance
 from app.models import Balance, CreditEntitlement, LedgerEntry, ProviderEntitlement, ProviderLedgerEntry
+
+ADJUSTMENT = "reconciliation_adjustment"
+"""The kind of a reconciliation adjustment entry: the only non-provider entry a mirrored balance accepts."""
 
 MIRROR_PRECISION = 10
 """Atoms of mirrored amounts: the provider's payloads do not say the entitlement's precision (0–10)."""
@@ -165,21 +174,39 @@ def ensure_provider_entitlement(session: Session, entitlement_id: str, provider:
     A credit event can arrive before the subscription that names the entitlement; its name and unit
     are filled in when the subscription snapshot arrives.
     """
-    insert_ignoring_conflicts(session, CreditEntitlement, {
-        "id": entitlement_id, "managed_by": provider, "name": entitlement_id, "unit": "credits",
-        "precision": MIRROR_PRECISION, "overage_enabled": True, "overage_limit": None,
-        "created_at": utcnow(), "updated_at": utcnow(),
-    })
-    insert_ignoring_conflicts(session, ProviderEntitlement, {
-        "entitlement_id": entitlement_id, "provider": provider, "display_precision": 0, "updated_at": utcnow(),
-    })
+    insert_ignoring_conflicts(
+        session,
+        CreditEntitlement,
+        {
+            "id": entitlement_id,
+            "managed_by": provider,
+            "name": entitlement_id,
+            "unit": "credits",
+            "precision": MIRROR_PRECISION,
+            "overage_enabled": True,
+            "overage_limit": None,
+            "created_at": utcnow(),
+            "updated_at": utcnow(),
+        },
+    )
+    insert_ignoring_conflicts(
+        session,
+        ProviderEntitlement,
+        {
+            "entitlement_id": entitlement_id,
+            "provider": provider,
+            "display_precision": 0,
+            "updated_at": utcnow(),
+        },
+    )
     entitlement = session.get(CreditEntitlement, entitlement_id)
     assert entitlement is not None
     if entitlement.managed_by != provider:
         raise ProviderManaged(f"entitlement {entitlement_id!r} is managed by {entitlement.managed_by}, not {provider}")
     if entitlement.precision != MIRROR_PRECISION:
-        raise LedgerError(f"entitlement {entitlement_id!r} has precision {entitlement.precision}, "
-                          f"mirrors store {MIRROR_PRECISION}")
+        raise LedgerError(
+            f"entitlement {entitlement_id!r} has precision {entitlement.precision}, mirrors store {MIRROR_PRECISION}"
+        )
     return entitlement
 
 
@@ -216,16 +243,36 @@ def mirror_entry(session: Session, entry: ProviderEntry, *, inbox_event_id: int 
     after: State = (entry.balance_after, entry.overage_after)
     newest = balance.last_transaction_at is None or entry.created_at > balance.last_transaction_at
     current: State = (balance.balance, balance.overage)
-    ledger_entry = post_one(session, balance, Posting(
-        balance.id, entry.kind, after, entry.created_at,
-        Source(dedupe_key=entry.dedupe_key, inbox_event_id=inbox_event_id, external_id=entry.external_id,
-               description=entry.description),
-        before=before, moves_balance=newest))
+    ledger_entry = post_one(
+        session,
+        balance,
+        Posting(
+            balance.id,
+            entry.kind,
+            after,
+            entry.created_at,
+            Source(
+                dedupe_key=entry.dedupe_key,
+                inbox_event_id=inbox_event_id,
+                external_id=entry.external_id,
+                description=entry.description,
+            ),
+            before=before,
+            moves_balance=newest,
+        ),
+    )
     provider_row = ProviderLedgerEntry(
-        ledger_entry_id=ledger_entry.id, balance_id=balance.id, provider=entry.provider,
-        external_id=entry.external_id, transaction_type=entry.transaction_type, is_credit=entry.is_credit,
-        amount=entry.amount, provider_grant_id=entry.provider_grant_id, reference_type=entry.reference_type,
-        reference_id=entry.reference_id, extra=entry.extra or None,
+        ledger_entry_id=ledger_entry.id,
+        balance_id=balance.id,
+        provider=entry.provider,
+        external_id=entry.external_id,
+        transaction_type=entry.transaction_type,
+        is_credit=entry.is_credit,
+        amount=entry.amount,
+        provider_grant_id=entry.provider_grant_id,
+        reference_type=entry.reference_type,
+        reference_id=entry.reference_id,
+        extra=entry.extra or None,
     )
     session.add(provider_row)
     if newest:
@@ -246,14 +293,58 @@ def _mark_gap(row: ProviderLedgerEntry, expected: State | None) -> None:
     row.expected_overage_before = expected[1] if expected else None
 
 
-def _mirrored_links(session: Session, balance_id: int) -> list[tuple[Link, ProviderLedgerEntry]]:
+def _mirrored_links(session: Session, balance_id: int) -> list[tuple[Link, ProviderLedgerEntry | None]]:
+    """The balance's chain: its provider entries (with their rows) and its adjustments (row None)."""
     rows = session.execute(
         select(LedgerEntry, ProviderLedgerEntry)
-        .join(ProviderLedgerEntry, ProviderLedgerEntry.ledger_entry_id == LedgerEntry.id)
-        .where(LedgerEntry.balance_id == balance_id)
+        .outerjoin(ProviderLedgerEntry, ProviderLedgerEntry.ledger_entry_id == LedgerEntry.id)
+        .where(
+            LedgerEntry.balance_id == balance_id,
+            or_(ProviderLedgerEntry.ledger_entry_id.is_not(None), LedgerEntry.kind == ADJUSTMENT),
+        )
     ).all()
-    return [(Link(provider.external_id, entry.created_at, (entry.balance_before, entry.overage_before),
-                  (entry.balance_after, entry.overage_after)), provider) for entry, provider in rows]
+    return [
+        (
+            Link(
+                provider.external_id if provider is not None else (entry.dedupe_key or f"adjustment:{entry.id}"),
+                entry.created_at,
+                (entry.balance_before, entry.overage_before),
+                (entry.balance_after, entry.overage_after),
+            ),
+            provider,
+        )
+        for entry, provider in rows
+    ]
+
+
+def adjust_mirrored(
+    session: Session, balance: Balance, after: State, at: datetime, *, dedupe_key: str, description: str
+) -> LedgerEntry:
+    """Move a (locked) mirrored balance to the provider's values with one `reconciliation_adjustment`.
+
+    It goes at the end of the chain: at `at` (the provider's time for the balance), or just after the
+    newest entry if that is later, so the order stays the provider's.
+    """
+    existing = find_entry(session, dedupe_key)
+    if existing is not None:
+        return existing
+    if min(after) < 0:
+        raise LedgerError("a mirrored balance cannot go negative")
+    last = balance.last_transaction_at
+    if last is not None and at <= last:
+        at = last + timedelta(microseconds=1)
+    return post_one(
+        session,
+        balance,
+        Posting(
+            balance.id,
+            ADJUSTMENT,
+            after,
+            at,
+            Source(dedupe_key=dedupe_key, description=description),
+            before=(balance.balance, balance.overage),
+        ),
+    )
 
 
 def rechain(session: Session, balance: Balance) -> None:
@@ -263,6 +354,8 @@ def rechain(session: Session, balance: Balance) -> None:
     placed = order_chain([link for link, _ in pairs])
     for item in placed:
         row = rows[item.link.key]
+        if row is None:
+            continue  # an adjustment: it starts where the chain stood when it was made
         row.chain_position = item.position
         _mark_gap(row, item.expected_before)
     if placed:
@@ -287,7 +380,10 @@ def verify_mirrored(session: Session, balance: Balance, label: str) -> MirrorAud
     pairs = _mirrored_links(session, balance.id)
     unmirrored = len(entries) - len(pairs)
     if unmirrored:
-        audit.problems.append(f"{label}: {unmirrored} entries of a provider-managed balance are not provider entries")
+        audit.problems.append(
+            f"{label}: {unmirrored} entries of a provider-managed balance are neither provider entries "
+            "nor reconciliation adjustments"
+        )
     for entry in entries:
         expected = (entry.balance_after - entry.overage_after) - (entry.balance_before - entry.overage_before)
         if entry.amount != expected:
@@ -297,30 +393,50 @@ def verify_mirrored(session: Session, balance: Balance, label: str) -> MirrorAud
     jumps = 0
     for item in placed:
         row = rows[item.link.key]
+        if row is None:
+            # A reconciliation adjustment: accounted for in the sums, and linked like a provider entry.
+            if item.expected_before is not None:
+                jumps += item.link.before[0] - item.link.before[1] - net(item.expected_before)
+                audit.known_gaps.append(
+                    f"{label}: an entry older than reconciliation adjustment {item.link.key} arrived after it: "
+                    f"expected {item.expected_before}, the adjustment starts at {item.link.before} "
+                    "(left for the next reconciliation)"
+                )
+            continue
         recorded = (row.expected_balance_before, row.expected_overage_before) if row.follows_gap else None
         if item.expected_before is not None:
             jumps += item.link.before[0] - item.link.before[1] - net(item.expected_before)
             if recorded != item.expected_before:
-                audit.problems.append(f"{label}: an unrecorded gap before provider entry {row.external_id}: "
-                                      f"expected {item.expected_before}, it starts at {item.link.before}")
+                audit.problems.append(
+                    f"{label}: an unrecorded gap before provider entry {row.external_id}: "
+                    f"expected {item.expected_before}, it starts at {item.link.before}"
+                )
             else:
-                audit.known_gaps.append(f"{label}: known gap before provider entry {row.external_id}: expected "
-                                        f"{item.expected_before}, it starts at {item.link.before} "
-                                        "(missing entries, left for reconciliation)")
+                audit.known_gaps.append(
+                    f"{label}: known gap before provider entry {row.external_id}: expected "
+                    f"{item.expected_before}, it starts at {item.link.before} "
+                    "(missing entries, left for reconciliation)"
+                )
         elif recorded is not None:
-            audit.problems.append(f"{label}: provider entry {row.external_id} is marked as following a gap "
-                                  "that is no longer there")
+            audit.problems.append(
+                f"{label}: provider entry {row.external_id} is marked as following a gap that is no longer there"
+            )
         if row.chain_position != item.position:
-            audit.problems.append(f"{label}: provider entry {row.external_id} is at position {row.chain_position}, "
-                                  f"the provider's order puts it at {item.position}")
+            audit.problems.append(
+                f"{label}: provider entry {row.external_id} is at position {row.chain_position}, "
+                f"the provider's order puts it at {item.position}"
+            )
     state = placed[-1].link.after if placed else ZERO
     if state != (balance.balance, balance.overage):
-        audit.problems.append(f"{label}: the newest provider entry ends at {state}, "
-                              f"the balance is {(balance.balance, balance.overage)}")
+        audit.problems.append(
+            f"{label}: the newest provider entry ends at {state}, the balance is {(balance.balance, balance.overage)}"
+        )
     total = sum(entry.amount for entry in entries)
     if balance.balance - balance.overage != total + jumps:
-        audit.problems.append(f"{label}: balance - overage = {balance.balance - balance.overage} but its entries "
-                              f"sum to {total} and its recorded gaps to {jumps}")
+        audit.problems.append(
+            f"{label}: balance - overage = {balance.balance - balance.overage} but its entries "
+            f"sum to {total} and its recorded gaps to {jumps}"
+        )
     if balance.balance < 0 or balance.overage < 0:
         audit.problems.append(f"{label}: negative balance or overage ({balance.balance}, {balance.overage})")
     if len(entries) != balance.entry_count:
@@ -330,10 +446,13 @@ def verify_mirrored(session: Session, balance: Balance, label: str) -> MirrorAud
 
 def mirrored_balance_ids(session: Session) -> set[int]:
     """Balances whose entitlement a provider owns: their chains follow the provider's order."""
-    return set(session.execute(
-        select(Balance.id).join(CreditEntitlement, CreditEntitlement.id == Balance.entitlement_id)
-        .where(CreditEntitlement.managed_by != "tally")
-    ).scalars())
+    return set(
+        session.execute(
+            select(Balance.id)
+            .join(CreditEntitlement, CreditEntitlement.id == Balance.entitlement_id)
+            .where(CreditEntitlement.managed_by != "tally")
+        ).scalars()
+    )
 
 
 def audit_mirrored(session: Session) -> MirrorAudit:
@@ -341,7 +460,9 @@ def audit_mirrored(session: Session) -> MirrorAudit:
     total = MirrorAudit()
     ids = mirrored_balance_ids(session)
     for balance in session.execute(select(Balance).where(Balance.id.in_(ids)).order_by(Balance.id)).scalars():
-        audit = verify_mirrored(session, balance, f"balance {balance.id} ({balance.customer_id}/{balance.entitlement_id})")
+        audit = verify_mirrored(
+            session, balance, f"balance {balance.id} ({balance.customer_id}/{balance.entitlement_id})"
+        )
         total.problems.extend(audit.problems)
         total.known_gaps.extend(audit.known_gaps)
     return total

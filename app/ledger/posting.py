@@ -80,17 +80,27 @@ class PlannedEntry:
     grant_id: int | None
 
 
-def plan(positions: Mapping[int, Position], postings: Sequence[Posting]) -> tuple[list[PlannedEntry], dict[int, Position]]:
+def plan(
+    positions: Mapping[int, Position], postings: Sequence[Posting]
+) -> tuple[list[PlannedEntry], dict[int, Position]]:
     """The entries of `postings`, in order, and every touched balance's position after them. Pure."""
     current = dict(positions)
     entries: list[PlannedEntry] = []
     for posting in postings:
         position = current[posting.balance_id]
         before = position.state if posting.before is None else posting.before
-        entries.append(PlannedEntry(
-            balance_id=posting.balance_id, kind=posting.kind, amount=net(posting.after) - net(before),
-            before=before, after=posting.after, at=posting.at, source=posting.source, grant_id=posting.grant_id,
-        ))
+        entries.append(
+            PlannedEntry(
+                balance_id=posting.balance_id,
+                kind=posting.kind,
+                amount=net(posting.after) - net(before),
+                before=before,
+                after=posting.after,
+                at=posting.at,
+                source=posting.source,
+                grant_id=posting.grant_id,
+            )
+        )
         if posting.moves_balance:
             position = Position(posting.after, position.entry_count, posting.at)
         current[posting.balance_id] = replace(position, entry_count=position.entry_count + 1)
@@ -112,16 +122,26 @@ def post(session: Session, balances: Mapping[int, Balance], postings: Sequence[P
     """Append the entries of `postings` and move their (locked) balances; the entries, in order."""
     if not postings:
         return []
-    planned, positions = plan({balance_id: position_of(balances[balance_id])
-                               for balance_id in {p.balance_id for p in postings}}, postings)
+    planned, positions = plan(
+        {balance_id: position_of(balances[balance_id]) for balance_id in {p.balance_id for p in postings}}, postings
+    )
     entries = [
         LedgerEntry(
-            balance_id=item.balance_id, kind=item.kind, amount=item.amount,
-            balance_before=item.before[0], balance_after=item.after[0],
-            overage_before=item.before[1], overage_after=item.after[1],
-            grant_id=item.grant_id, dedupe_key=item.source.dedupe_key, inbox_event_id=item.source.inbox_event_id,
-            usage_event_id=item.source.usage_event_id, idempotency_key=item.source.idempotency_key,
-            external_id=item.source.external_id, description=item.source.description, created_at=item.at,
+            balance_id=item.balance_id,
+            kind=item.kind,
+            amount=item.amount,
+            balance_before=item.before[0],
+            balance_after=item.after[0],
+            overage_before=item.before[1],
+            overage_after=item.after[1],
+            grant_id=item.grant_id,
+            dedupe_key=item.source.dedupe_key,
+            inbox_event_id=item.source.inbox_event_id,
+            usage_event_id=item.source.usage_event_id,
+            idempotency_key=item.source.idempotency_key,
+            external_id=item.source.external_id,
+            description=item.source.description,
+            created_at=item.at,
         )
         for item in planned
     ]

@@ -29,13 +29,12 @@ from app.models import Balance, CreditEntitlement, Grant, LedgerEntry
 
 def sync_entitlement(session: Session, spec: EntitlementSpec) -> CreditEntitlement:
     """Create or update a Tally-native entitlement from its catalogue declaration."""
-    insert_ignoring_conflicts(
-        session,
-        CreditEntitlement,
-        {"id": spec.id, "managed_by": "tally", "name": spec.name, "unit": spec.unit, "precision": spec.precision},
-    )
-    entitlement = session.get(CreditEntitlement, spec.id, populate_existing=True)
-    assert entitlement is not None
+    entitlement = session.get(CreditEntitlement, spec.id)
+    if entitlement is None:
+        values = {"id": spec.id, "managed_by": "tally", "name": spec.name, "unit": spec.unit}
+        insert_ignoring_conflicts(session, CreditEntitlement, {**values, "precision": spec.precision})
+        entitlement = session.get(CreditEntitlement, spec.id, populate_existing=True)
+        assert entitlement is not None
     if entitlement.managed_by != "tally":
         raise ProviderManaged(f"entitlement {spec.id!r} is managed by {entitlement.managed_by}")
     if entitlement.precision != spec.precision and entitlement_has_entries(session, spec.id):
@@ -52,8 +51,19 @@ def entitlement_has_entries(session: Session, entitlement_id: str) -> bool:
 
 
 def lock_balance(session: Session, customer_id: str, entitlement_id: str, *, create: bool = True) -> Balance:
-    """The balance row, locked for this transaction (FOR UPDATE on PostgreSQL; SQLite locks the file)."""
-    if create:
+    """The balance row, locked for this transaction (FOR UPDATE on PostgreSQL; SQLite locks the file).
+
+    The lock is tried first: a balance exists far more often than not, and creating one costs two
+    statements more. `create` makes a missing one (the unique key absorbs a concurrent creation).
+    """
+    query = (
+        select(Balance)
+        .where(Balance.customer_id == customer_id, Balance.entitlement_id == entitlement_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    balance = session.execute(query).scalar_one_or_none()
+    if balance is None and create:
         entitlement = session.get(CreditEntitlement, entitlement_id)
         if entitlement is None:
             raise UnknownBalance(f"no credit entitlement {entitlement_id!r}")
@@ -67,13 +77,7 @@ def lock_balance(session: Session, customer_id: str, entitlement_id: str, *, cre
                 "overage_limit": entitlement.overage_limit,
             },
         )
-    query = (
-        select(Balance)
-        .where(Balance.customer_id == customer_id, Balance.entitlement_id == entitlement_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    balance = session.execute(query).scalar_one_or_none()
+        balance = session.execute(query).scalar_one_or_none()
     if balance is None:
         raise UnknownBalance(f"no balance for customer {customer_id!r} in {entitlement_id!r}")
     return balance
@@ -104,14 +108,27 @@ def grant(
     if existing is not None:
         return existing
     new_grant = Grant(
-        balance_id=balance.id, source_key=source_key, amount=amount, remaining=amount,
-        starts_at=starts_at, expires_at=expires_at,
+        balance_id=balance.id,
+        source_key=source_key,
+        amount=amount,
+        remaining=amount,
+        starts_at=starts_at,
+        expires_at=expires_at,
     )
     session.add(new_grant)
     session.flush()
-    return post_one(session, balance, Posting(
-        balance.id, kind, (balance.balance + amount, balance.overage), utcnow(),
-        replace(source, dedupe_key=f"grant:{source_key}"), grant_id=new_grant.id))
+    return post_one(
+        session,
+        balance,
+        Posting(
+            balance.id,
+            kind,
+            (balance.balance + amount, balance.overage),
+            utcnow(),
+            replace(source, dedupe_key=f"grant:{source_key}"),
+            grant_id=new_grant.id,
+        ),
+    )
 
 
 def _expire_grant(session: Session, balance: Balance, expiring: Grant, now: datetime) -> LedgerEntry | None:
@@ -119,34 +136,58 @@ def _expire_grant(session: Session, balance: Balance, expiring: Grant, now: date
     expiring.expired_at = now
     if not expiring.remaining:
         return None
-    entry = post_one(session, balance, Posting(
-        balance.id, "expiry", (balance.balance - expiring.remaining, balance.overage), utcnow(),
-        Source(dedupe_key=f"expiry:{expiring.id}"), grant_id=expiring.id))
+    entry = post_one(
+        session,
+        balance,
+        Posting(
+            balance.id,
+            "expiry",
+            (balance.balance - expiring.remaining, balance.overage),
+            utcnow(),
+            Source(dedupe_key=f"expiry:{expiring.id}"),
+            grant_id=expiring.id,
+        ),
+    )
     expiring.remaining = 0
     return entry
 
 
 def expire_due_grants(session: Session, balance: Balance, now: datetime) -> list[LedgerEntry]:
     """Expire what is left of every grant past its expiry: one `expiry` entry per grant."""
-    due = session.execute(
-        select(Grant)
-        .where(Grant.balance_id == balance.id, Grant.expired_at.is_(None), Grant.expires_at <= now)
-        .order_by(Grant.starts_at, Grant.id)
-    ).scalars().all()
+    due = (
+        session.execute(
+            select(Grant)
+            .where(Grant.balance_id == balance.id, Grant.expired_at.is_(None), Grant.expires_at <= now)
+            .order_by(Grant.starts_at, Grant.id)
+        )
+        .scalars()
+        .all()
+    )
     return [entry for expiring in due if (entry := _expire_grant(session, balance, expiring, now)) is not None]
 
 
-def reset_overage(session: Session, balance: Balance, *, dedupe_key: str, source: Source = Source()) -> LedgerEntry | None:
+def reset_overage(
+    session: Session, balance: Balance, *, dedupe_key: str, source: Source = Source()
+) -> LedgerEntry | None:
     """Clear the accrued overage at a period's end (the provider bills it separately)."""
     if balance.overage == 0 or find_entry(session, dedupe_key) is not None:
         return None
-    return post_one(session, balance, Posting(
-        balance.id, "overage_reset", (balance.balance, 0), utcnow(), replace(source, dedupe_key=dedupe_key)))
+    return post_one(
+        session,
+        balance,
+        Posting(balance.id, "overage_reset", (balance.balance, 0), utcnow(), replace(source, dedupe_key=dedupe_key)),
+    )
 
 
 def deduct(
-    session: Session, balance: Balance, amount: int, *, source: Source, now: datetime | None = None,
-    kind: str = "deduction", known_new: bool = False,
+    session: Session,
+    balance: Balance,
+    amount: int,
+    *,
+    source: Source,
+    now: datetime | None = None,
+    kind: str = "deduction",
+    known_new: bool = False,
 ) -> LedgerEntry:
     """Take `amount` atoms: balance first (oldest grant first), then overage. All or nothing.
 
@@ -161,12 +202,19 @@ def deduct(
             return existing
     now = now or utcnow()
     # One read serves both steps: grants past their expiry are closed first, the rest are consumed.
-    candidates = session.execute(
-        select(Grant)
-        .where(Grant.balance_id == balance.id, Grant.expired_at.is_(None),
-               or_(Grant.remaining > 0, Grant.expires_at <= now))
-        .order_by(Grant.starts_at, Grant.id)
-    ).scalars().all()
+    candidates = (
+        session.execute(
+            select(Grant)
+            .where(
+                Grant.balance_id == balance.id,
+                Grant.expired_at.is_(None),
+                or_(Grant.remaining > 0, Grant.expires_at <= now),
+            )
+            .order_by(Grant.starts_at, Grant.id)
+        )
+        .scalars()
+        .all()
+    )
     live = []
     for candidate in candidates:
         if candidate.expires_at is not None and candidate.expires_at <= now:
@@ -187,8 +235,13 @@ def deduct(
         grant_.remaining -= taken
         remaining -= taken
     balance.period_used += amount
-    return post_one(session, balance, Posting(
-        balance.id, kind, (balance.balance - from_balance, balance.overage + (amount - from_balance)), now, source))
+    return post_one(
+        session,
+        balance,
+        Posting(
+            balance.id, kind, (balance.balance - from_balance, balance.overage + (amount - from_balance)), now, source
+        ),
+    )
 
 
 # --- billing periods -----------------------------------------------------------------------------
@@ -218,15 +271,23 @@ def start_period(session: Session, balance: Balance, terms: PeriodTerms, *, sour
         return False
     if balance.period_start is not None:
         expire_due_grants(session, balance, terms.start)
-        reset_overage(session, balance, source=source,
-                      dedupe_key=f"overage_reset:{balance.id}:{balance.period_start.isoformat()}")
+        reset_overage(
+            session, balance, source=source, dedupe_key=f"overage_reset:{balance.id}:{balance.period_start.isoformat()}"
+        )
     balance.subscription_id, balance.plan_key = terms.subscription_id, terms.plan_key
     balance.period_start, balance.period_end = terms.start, terms.end
     balance.period_included, balance.period_used = terms.included, 0
     balance.hard_cap = terms.hard_cap
     balance.overage_enabled, balance.overage_limit = terms.overage_enabled, terms.overage_limit
-    grant(session, balance, terms.included, starts_at=terms.start, expires_at=terms.end, source=source,
-          source_key=f"period:{terms.subscription_id}:{terms.start.isoformat()}")
+    grant(
+        session,
+        balance,
+        terms.included,
+        starts_at=terms.start,
+        expires_at=terms.end,
+        source=source,
+        source_key=f"period:{terms.subscription_id}:{terms.start.isoformat()}",
+    )
     return True
 
 

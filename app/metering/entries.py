@@ -17,7 +17,6 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -58,11 +57,17 @@ class EntryRequest:
     @property
     def fingerprint(self) -> str:
         """What "the same body" means: the request's fields, canonically encoded and hashed."""
-        canonical = json.dumps({
-            "entry_type": self.entry_type, "amount": str(parse_decimal(self.amount).normalize()),
-            "reason": self.reason, "metadata": self.metadata,
-            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-        }, sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(
+            {
+                "entry_type": self.entry_type,
+                "amount": str(parse_decimal(self.amount).normalize()),
+                "reason": self.reason,
+                "metadata": self.metadata,
+                "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -108,19 +113,26 @@ def parse_entry_request(payload: Any) -> EntryRequest:
         raise EntryRejected(f"amount must be above zero, got {amount!r}", code="invalid_amount")
     if body.expires_at is not None and body.entry_type != "credit":
         raise EntryRejected("expires_at applies to credits only")
-    return EntryRequest(entry_type=body.entry_type, amount=str(amount), idempotency_key=body.idempotency_key,
-                        reason=body.reason, metadata=body.metadata or {}, expires_at=body.expires_at)
+    return EntryRequest(
+        entry_type=body.entry_type,
+        amount=str(amount),
+        idempotency_key=body.idempotency_key,
+        reason=body.reason,
+        metadata=body.metadata or {},
+        expires_at=body.expires_at,
+    )
 
 
 def _recorded(session: Session, entitlement_id: str, customer_id: str, request: EntryRequest) -> LedgerRequest | None:
     previous = session.execute(
-        select(LedgerRequest).where(LedgerRequest.entitlement_id == entitlement_id,
-                                    LedgerRequest.customer_id == customer_id,
-                                    LedgerRequest.idempotency_key == request.idempotency_key)
+        select(LedgerRequest).where(
+            LedgerRequest.entitlement_id == entitlement_id,
+            LedgerRequest.customer_id == customer_id,
+            LedgerRequest.idempotency_key == request.idempotency_key,
+        )
     ).scalar_one_or_none()
     if previous is not None and previous.request_hash != request.fingerprint:
-        raise IdempotencyConflict(
-            f"idempotency_key {request.idempotency_key!r} was already used with a different body")
+        raise IdempotencyConflict(f"idempotency_key {request.idempotency_key!r} was already used with a different body")
     return previous
 
 
@@ -132,13 +144,16 @@ def _entitlement(session: Session, catalogue: Catalogue, entitlement_id: str) ->
     if entitlement is None:
         raise NotFound(f"no credit entitlement {entitlement_id!r}", code="entitlement_not_found")
     if entitlement.managed_by != "tally":
-        raise ProviderManaged(f"entitlement {entitlement_id!r} is managed by {entitlement.managed_by}; "
-                              "its ledger changes only through the provider")
+        raise ProviderManaged(
+            f"entitlement {entitlement_id!r} is managed by {entitlement.managed_by}; "
+            "its ledger changes only through the provider"
+        )
     return entitlement
 
 
-def create_ledger_entry(db: Database, catalogue: Catalogue, *, entitlement_id: str, customer_id: str,
-                        request: EntryRequest, now: datetime) -> EntryOutcome:
+def create_ledger_entry(
+    db: Database, catalogue: Catalogue, *, entitlement_id: str, customer_id: str, request: EntryRequest, now: datetime
+) -> EntryOutcome:
     """Post a credit or debit once per idempotency key; the decision the key names."""
     with db.write() as session:
         entitlement = _entitlement(session, catalogue, entitlement_id)
@@ -154,24 +169,42 @@ def create_ledger_entry(db: Database, catalogue: Catalogue, *, entitlement_id: s
         recorded = _recorded(session, entitlement_id, customer_id, request)
         if recorded is not None:  # before any check that depends on the time: a retry gets the first decision
             entry = session.get(LedgerEntry, recorded.ledger_entry_id) if recorded.ledger_entry_id else None
-            return replace(outcome, entry=entry, refusal_code=recorded.refusal_code,
-                           refusal_message=recorded.refusal_message)
+            return replace(
+                outcome, entry=entry, refusal_code=recorded.refusal_code, refusal_message=recorded.refusal_message
+            )
         if request.expires_at is not None and request.expires_at <= now:
             raise EntryRejected("expires_at must be in the future")
         dedupe = f"api:{entitlement_id}:{customer_id}:{request.idempotency_key}"
         source = Source(idempotency_key=request.idempotency_key, description=request.reason)
         try:
             if request.entry_type == "credit":
-                entry = grant(session, balance, atoms, source_key=dedupe, starts_at=now, expires_at=request.expires_at,
-                              source=source, kind=ENTRY_KIND)
+                entry = grant(
+                    session,
+                    balance,
+                    atoms,
+                    source_key=dedupe,
+                    starts_at=now,
+                    expires_at=request.expires_at,
+                    source=source,
+                    kind=ENTRY_KIND,
+                )
             else:
-                entry = deduct(session, balance, atoms, now=now, kind=ENTRY_KIND,
-                               source=replace(source, dedupe_key=dedupe))
+                entry = deduct(
+                    session, balance, atoms, now=now, kind=ENTRY_KIND, source=replace(source, dedupe_key=dedupe)
+                )
             outcome = replace(outcome, entry=entry)
         except LedgerRefusal as refusal:
             outcome = replace(outcome, refusal_code=refusal.code, refusal_message=refusal.message)
-        session.add(LedgerRequest(entitlement_id=entitlement_id, customer_id=customer_id,
-                                  idempotency_key=request.idempotency_key, request_hash=request.fingerprint,
-                                  refusal_code=outcome.refusal_code, refusal_message=outcome.refusal_message,
-                                  ledger_entry_id=outcome.entry.id if outcome.entry else None, created_at=now))
+        session.add(
+            LedgerRequest(
+                entitlement_id=entitlement_id,
+                customer_id=customer_id,
+                idempotency_key=request.idempotency_key,
+                request_hash=request.fingerprint,
+                refusal_code=outcome.refusal_code,
+                refusal_message=outcome.refusal_message,
+                ledger_entry_id=outcome.entry.id if outcome.entry else None,
+                created_at=now,
+            )
+        )
         return outcome

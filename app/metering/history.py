@@ -26,7 +26,26 @@ from app.models import Balance, Subscription
 from app.times import render_instant
 
 ZERO_DECIMAL_CURRENCIES = frozenset(
-    ["BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "MGA", "PYG", "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"])
+    [
+        "BIF",
+        "CLP",
+        "DJF",
+        "GNF",
+        "ISK",
+        "JPY",
+        "KMF",
+        "KRW",
+        "MGA",
+        "PYG",
+        "RWF",
+        "UGX",
+        "VND",
+        "VUV",
+        "XAF",
+        "XOF",
+        "XPF",
+    ]
+)
 THREE_DECIMAL_CURRENCIES = frozenset(["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"])
 
 
@@ -58,8 +77,9 @@ def meter_document(meter: MeterSpec, usage: MeterUsage | None) -> dict[str, Any]
     }
 
 
-def usage_history(session: Session, catalogue: Catalogue, subscription_id: str, query: HistoryQuery,
-                  page: Page) -> dict[str, Any]:
+def usage_history(
+    session: Session, catalogue: Catalogue, subscription_id: str, query: HistoryQuery, page: Page
+) -> dict[str, Any]:
     subscription = session.get(Subscription, subscription_id)
     if subscription is None:
         raise NotFound(f"no subscription {subscription_id!r}", code="subscription_not_found")
@@ -69,12 +89,18 @@ def usage_history(session: Session, catalogue: Catalogue, subscription_id: str, 
         raise InvalidInput("start_date must not be after end_date", code="invalid_parameter")
 
     recorded = session.execute(select(MeterUsage).where(MeterUsage.subscription_id == subscription_id)).scalars().all()
-    entitlements = set(session.execute(
-        select(Balance.entitlement_id).where(Balance.subscription_id == subscription_id)).scalars())
+    entitlements = set(
+        session.execute(select(Balance.entitlement_id).where(Balance.subscription_id == subscription_id)).scalars()
+    )
     entitlements |= {usage.entitlement_id for usage in recorded}
-    meters = sorted((meter for meter in catalogue.meters.values()
-                     if meter.entitlement in entitlements or any(u.meter_key == meter.key for u in recorded)),
-                    key=lambda meter: meter.key)
+    meters = sorted(
+        (
+            meter
+            for meter in catalogue.meters.values()
+            if meter.entitlement in entitlements or any(u.meter_key == meter.key for u in recorded)
+        ),
+        key=lambda meter: meter.key,
+    )
     if query.meter_id is not None:
         meters = [meter for meter in meters if meter.key == query.meter_id]
 
@@ -85,13 +111,24 @@ def usage_history(session: Session, catalogue: Catalogue, subscription_id: str, 
     if subscription.current_period_start is not None and subscription.current_period_end is not None:
         periods.setdefault((subscription.current_period_start, subscription.current_period_end), {})
 
-    selected = [
-        (start, end) for start, end in sorted(periods, reverse=True)
-        if (query.start_date is None or end >= query.start_date) and (query.end_date is None or start <= query.end_date)
-    ] if meters else []
-    window = selected[page.offset:page.offset + page.size]
-    return {"items": [
-        {"start_date": render_instant(start), "end_date": render_instant(end),
-         "meters": [meter_document(meter, periods[(start, end)].get(meter.key)) for meter in meters]}
-        for start, end in window
-    ]}
+    selected = (
+        [
+            (start, end)
+            for start, end in sorted(periods, reverse=True)
+            if (query.start_date is None or end >= query.start_date)
+            and (query.end_date is None or start <= query.end_date)
+        ]
+        if meters
+        else []
+    )
+    window = selected[page.offset : page.offset + page.size]
+    return {
+        "items": [
+            {
+                "start_date": render_instant(start),
+                "end_date": render_instant(end),
+                "meters": [meter_document(meter, periods[(start, end)].get(meter.key)) for meter in meters],
+            }
+            for start, end in window
+        ]
+    }

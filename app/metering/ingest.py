@@ -16,9 +16,7 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from app.catalogue import Catalogue, MeterSpec
 from app.db import AsyncDatabase, Database, insert_ignoring_conflicts_statement, table_of
@@ -48,8 +46,9 @@ class IngestRejected(InvalidInput):
 
 def meters_for(catalogue: Catalogue, event_name: str) -> list[MeterSpec]:
     """The meters that count events of this name, in a stable order."""
-    return sorted((meter for meter in catalogue.meters.values() if meter.event_name == event_name),
-                  key=lambda meter: meter.key)
+    return sorted(
+        (meter for meter in catalogue.meters.values() if meter.event_name == event_name), key=lambda meter: meter.key
+    )
 
 
 def metered_value(meter: MeterSpec, metadata: dict[str, Any] | None) -> Decimal:
@@ -116,11 +115,12 @@ INGESTED_EVENTS = TypeAdapter(list[IngestedEvent])
 def parse_batch(payload: Any, catalogue: Catalogue, now: datetime) -> list[NewEvent]:
     """Validate the whole batch; the first problem found refuses it with a message naming the event."""
     if not isinstance(payload, dict) or not isinstance(payload.get("events"), list):
-        raise IngestRejected(code="invalid_request", message="the body must be {\"events\": [...]}")
+        raise IngestRejected(code="invalid_request", message='the body must be {"events": [...]}')
     raw_events = payload["events"]
     if len(raw_events) > MAX_EVENTS:
-        raise IngestRejected(code="too_many_events",
-                             message=f"at most {MAX_EVENTS} events per request, got {len(raw_events)}")
+        raise IngestRejected(
+            code="too_many_events", message=f"at most {MAX_EVENTS} events per request, got {len(raw_events)}"
+        )
     try:
         parsed = INGESTED_EVENTS.validate_python(raw_events)
     except ValidationError as error:
@@ -130,23 +130,34 @@ def parse_batch(payload: Any, catalogue: Catalogue, now: datetime) -> list[NewEv
     for index, event in enumerate(parsed):
         where = f"events[{index}]"
         if event.timestamp is not None and not now - OLDEST_TIMESTAMP <= event.timestamp <= now + FUTURE_TOLERANCE:
-            raise IngestRejected(code="invalid_event",
-                                 message=f"{where}.timestamp must be within the last hour and at most 5 minutes ahead")
+            raise IngestRejected(
+                code="invalid_event",
+                message=f"{where}.timestamp must be within the last hour and at most 5 minutes ahead",
+            )
         if event.event_id in seen:
-            raise IngestRejected(code="duplicate_event_id",
-                                 message=f"{where}.event_id {event.event_id!r} appears twice in this request")
+            raise IngestRejected(
+                code="duplicate_event_id", message=f"{where}.event_id {event.event_id!r} appears twice in this request"
+            )
         seen.add(event.event_id)
         meters = meters_for(catalogue, event.event_name)
         if not meters:
-            raise IngestRejected(code="unknown_meter",
-                                 message=f"{where}: no meter counts events named {event.event_name!r}")
+            raise IngestRejected(
+                code="unknown_meter", message=f"{where}: no meter counts events named {event.event_name!r}"
+            )
         for meter in meters:
             try:
                 metered_value(meter, event.metadata)
             except AmountError as error:
                 raise IngestRejected(code="invalid_amount", message=f"{where}: {error}") from None
-        events.append(NewEvent(event_id=event.event_id, customer_id=event.customer_id, event_name=event.event_name,
-                               timestamp=event.timestamp or now, metadata=event.metadata))
+        events.append(
+            NewEvent(
+                event_id=event.event_id,
+                customer_id=event.customer_id,
+                event_name=event.event_name,
+                timestamp=event.timestamp or now,
+                metadata=event.metadata,
+            )
+        )
     return events
 
 
@@ -160,9 +171,19 @@ def _refuse_unknown(wanted: set[str], known: set[str]) -> None:
 
 def rows_for(events: list[NewEvent], now: datetime) -> list[dict[str, Any]]:
     """The `usage_events` rows of a validated batch."""
-    return [{"event_id": event.event_id, "customer_id": event.customer_id, "event_name": event.event_name,
-             "timestamp": event.timestamp, "metadata": event.metadata, "received_at": now, "status": "pending",
-             "last_enqueued_at": now} for event in events]
+    return [
+        {
+            "event_id": event.event_id,
+            "customer_id": event.customer_id,
+            "event_name": event.event_name,
+            "timestamp": event.timestamp,
+            "metadata": event.metadata,
+            "received_at": now,
+            "status": "pending",
+            "last_enqueued_at": now,
+        }
+        for event in events
+    ]
 
 
 def store_batch(db: Database, events: list[NewEvent], now: datetime) -> list[int]:

@@ -28,6 +28,7 @@ it is locked and its status checked in the same transaction as its deductions, w
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -96,12 +97,21 @@ class _ChunkState:
         usage = self.usages.get(key)
         if usage is None:
             usage = session.execute(
-                select(MeterUsage).where(MeterUsage.customer_id == key[0], MeterUsage.meter_key == key[1],
-                                         MeterUsage.period_key == key[2])
+                select(MeterUsage).where(
+                    MeterUsage.customer_id == key[0], MeterUsage.meter_key == key[1], MeterUsage.period_key == key[2]
+                )
             ).scalar_one_or_none() or MeterUsage(
-                customer_id=balance.customer_id, meter_key=meter.key, entitlement_id=meter.entitlement,
-                period_key=key[2], subscription_id=balance.subscription_id, period_start=balance.period_start,
-                period_end=balance.period_end, event_count=0, consumed="0", charged=0)
+                customer_id=balance.customer_id,
+                meter_key=meter.key,
+                entitlement_id=meter.entitlement,
+                period_key=key[2],
+                subscription_id=balance.subscription_id,
+                period_start=balance.period_start,
+                period_end=balance.period_end,
+                event_count=0,
+                consumed="0",
+                charged=0,
+            )
             self.usages[key] = usage
         return usage
 
@@ -115,7 +125,9 @@ def aggregate(meter: MeterSpec, usage: MeterUsage, value: Decimal, event: UsageE
         return max(consumed, value), False
     # last: the newest event by (timestamp, event_id) decides, whatever order they arrive in
     newest = usage.last_timestamp is None or (event.timestamp, event.event_id) >= (
-        usage.last_timestamp, usage.last_event_id or "")
+        usage.last_timestamp,
+        usage.last_event_id or "",
+    )
     return (value if newest else consumed), newest
 
 
@@ -125,7 +137,9 @@ def _apply_meter(session: Session, event: UsageEvent, meter: MeterSpec, chunk: _
     if entitlement is None:
         raise UsageRefused("no_balance", f"entitlement {meter.entitlement!r} of meter {meter.key!r} does not exist yet")
     if entitlement.managed_by != "tally":
-        raise UsageRefused("provider_managed", f"entitlement {meter.entitlement!r} is managed by {entitlement.managed_by}")
+        raise UsageRefused(
+            "provider_managed", f"entitlement {meter.entitlement!r} is managed by {entitlement.managed_by}"
+        )
     balance = chunk.balances.get((event.customer_id, meter.entitlement))
     if balance is None:
         raise UsageRefused("no_balance", f"customer {event.customer_id!r} has no balance in {meter.entitlement!r}")
@@ -135,9 +149,18 @@ def _apply_meter(session: Session, event: UsageEvent, meter: MeterSpec, chunk: _
     target = credits_for(consumed, meter.units_per_credit, entitlement.precision)
     charge = target - usage.charged
     if charge > 0:
-        deduct(session, balance, charge, now=now, known_new=True, source=Source(
-            dedupe_key=f"usage:{event.event_id}:{meter.key}", usage_event_id=event.event_id,
-            description=f"meter {meter.key}"))
+        deduct(
+            session,
+            balance,
+            charge,
+            now=now,
+            known_new=True,
+            source=Source(
+                dedupe_key=f"usage:{event.event_id}:{meter.key}",
+                usage_event_id=event.event_id,
+                description=f"meter {meter.key}",
+            ),
+        )
         usage.charged = target
     if usage.id is None and usage not in session:
         session.add(usage)
@@ -174,46 +197,61 @@ def _apply_one(session: Session, catalogue: Catalogue, event: UsageEvent, chunk:
 
 def _apply_chunk(session: Session, catalogue: Catalogue, ids: list[int], now: datetime) -> Counter[str]:
     pending = session.execute(
-        select(UsageEvent.id, UsageEvent.customer_id, UsageEvent.event_name)
-        .where(UsageEvent.id.in_(ids), UsageEvent.status == "pending")
+        select(UsageEvent.id, UsageEvent.customer_id, UsageEvent.event_name).where(
+            UsageEvent.id.in_(ids), UsageEvent.status == "pending"
+        )
     ).all()
     if not pending:
         return Counter()
     # Lock every balance the chunk touches up front, in one global order, so that two workers (or a
     # worker and the write API) never wait on each other in a cycle.
     chunk = _ChunkState()
-    pairs = sorted({(row.customer_id, meter.entitlement) for row in pending
-                    for meter in meters_for(catalogue, row.event_name)})
+    pairs = sorted(
+        {(row.customer_id, meter.entitlement) for row in pending for meter in meters_for(catalogue, row.event_name)}
+    )
     for customer_id, entitlement_id in pairs:
-        try:
-            chunk.balances[(customer_id, entitlement_id)] = lock_balance(session, customer_id, entitlement_id,
-                                                                         create=False)
-        except UnknownBalance:
-            pass
-    events = session.execute(
-        select(UsageEvent).where(UsageEvent.id.in_([row.id for row in pending]), UsageEvent.status == "pending")
-        .order_by(UsageEvent.id).with_for_update()
-    ).scalars().all()
+        with contextlib.suppress(UnknownBalance):
+            chunk.balances[(customer_id, entitlement_id)] = lock_balance(
+                session, customer_id, entitlement_id, create=False
+            )
+    events = (
+        session.execute(
+            select(UsageEvent)
+            .where(UsageEvent.id.in_([row.id for row in pending]), UsageEvent.status == "pending")
+            .order_by(UsageEvent.id)
+            .with_for_update()
+        )
+        .scalars()
+        .all()
+    )
     return Counter(_apply_one(session, catalogue, event, chunk, now) for event in events)
 
 
-def apply_usage_events(db: Database, catalogue: Catalogue, ids: Iterable[int], *, now: datetime | None = None,
-                       chunk_size: int = CHUNK_SIZE) -> Counter[str]:
+def apply_usage_events(
+    db: Database, catalogue: Catalogue, ids: Iterable[int], *, now: datetime | None = None, chunk_size: int = CHUNK_SIZE
+) -> Counter[str]:
     """Apply pending events (already applied or refused ones are skipped); counts by outcome."""
     ordered = sorted(set(ids))
     outcomes: Counter[str] = Counter()
     for start in range(0, len(ordered), chunk_size):
         with db.write() as session:
-            outcomes += _apply_chunk(session, catalogue, ordered[start:start + chunk_size], now or utcnow())
+            outcomes += _apply_chunk(session, catalogue, ordered[start : start + chunk_size], now or utcnow())
     return outcomes
 
 
-def sweep_usage_events(db: Database, enqueue: EnqueueBatch, *, older_than: timedelta, now: datetime | None = None,
-                       limit: int = 5000, batch: int = 500) -> int:
+def sweep_usage_events(
+    db: Database,
+    enqueue: EnqueueBatch,
+    *,
+    older_than: timedelta,
+    now: datetime | None = None,
+    limit: int = 5000,
+    batch: int = 500,
+) -> int:
     """Enqueue usage events still pending after `older_than` (lost message, crash, broker outage)."""
     now = now or utcnow()
     with db.write() as session:
         ids = claim_stale_pending(session, UsageEvent, cutoff=now - older_than, now=now, limit=limit)
     for start in range(0, len(ids), batch):
-        ring(enqueue, ids[start:start + batch])
+        ring(enqueue, ids[start : start + batch])
     return len(ids)

@@ -155,8 +155,10 @@ class FakeServer:
             self._server = _Server(("127.0.0.1", self._port), self)
             self._port = self._server.server_address[1]
             self._thread = threading.Thread(
-                target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                name=f"{type(self).__name__}:{self._port}", daemon=True,
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"{type(self).__name__}:{self._port}",
+                daemon=True,
             )
             self._thread.start()
         return self
@@ -176,8 +178,9 @@ class FakeServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -205,16 +208,24 @@ class FakeServer:
 
     # -- fault injection -------------------------------------------------------------------------
 
-    def fail_next(self, n: int = 1, status: int = 429, retry_after: float | None = 1, *,
-                  path_prefix: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def fail_next(
+        self,
+        n: int = 1,
+        status: int = 429,
+        retry_after: float | None = 1,
+        *,
+        path_prefix: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         """Answer the next `n` requests (to `path_prefix`, if given) with `status` and the provider's error JSON.
 
         A 429 carries `Retry-After: <retry_after>` unless `retry_after` is None; other statuses carry
         it only when asked with `headers`. Faults queue up: a second call applies after the first is used.
         """
         with self.lock:
-            self._faults.append(_Fault(n, status, retry_after if status == 429 else None, path_prefix,
-                                       dict(headers or {})))
+            self._faults.append(
+                _Fault(n, status, retry_after if status == 429 else None, path_prefix, dict(headers or {}))
+            )
 
     def reset_next(self, n: int = 1, *, path_prefix: str | None = None) -> None:
         """Close the connection of the next `n` requests without answering (a reset mid-request)."""
@@ -236,8 +247,11 @@ class FakeServer:
     def calls_to(self, path_prefix: str, method: str | None = None) -> int:
         """Requests whose path starts with `path_prefix` (and of `method`, if given)."""
         with self.lock:
-            return sum(1 for call in self._log
-                       if call.path.startswith(path_prefix) and (method is None or call.method == method))
+            return sum(
+                1
+                for call in self._log
+                if call.path.startswith(path_prefix) and (method is None or call.method == method)
+            )
 
     def calls_by_path(self) -> Counter[str]:
         """Request counts per exact path: the per-endpoint counter."""
@@ -305,7 +319,7 @@ class FakeServer:
             return self.route(request)
         except _HTTPError as exc:
             return exc.response
-        except Exception as exc:  # noqa: BLE001 (a bug in the fake: answer 500 and say so, not hang the client)
+        except Exception as exc:
             return self.error(500, f"fake server error: {type(exc).__name__}: {exc}")
 
     def _serve(self, handler: _Handler) -> None:
@@ -313,9 +327,11 @@ class FakeServer:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         request = Request(
-            method=handler.command, path=parts.path,
+            method=handler.command,
+            path=parts.path,
             query=parse_qsl(parts.query, keep_blank_values=True),
-            headers={key.lower(): value for key, value in handler.headers.items()}, body=body,
+            headers={key.lower(): value for key, value in handler.headers.items()},
+            body=body,
         )
         response = self._answer(request)
         if response is None:
@@ -353,7 +369,6 @@ def _reset(handler: _Handler) -> None:
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
-
 
 
 _TO_ALPHANUMERIC = str.maketrans({"-": "x", "_": "Z"})

@@ -49,15 +49,27 @@ from ._server import JSON, FakeServer, Request, Response, abort, random_chars
 __all__ = ["TRANSACTION_TYPES", "WEBHOOK_TYPES", "DodoFake", "LedgerError"]
 
 TRANSACTION_TYPES = (
-    "credit_added", "credit_deducted", "credit_expired", "credit_rolled_over", "rollover_forfeited",
-    "overage_charged", "overage_reset", "auto_top_up", "manual_adjustment", "refund",
+    "credit_added",
+    "credit_deducted",
+    "credit_expired",
+    "credit_rolled_over",
+    "rollover_forfeited",
+    "overage_charged",
+    "overage_reset",
+    "auto_top_up",
+    "manual_adjustment",
+    "refund",
 )
 CREDIT_TYPES = frozenset({"credit_added", "credit_rolled_over", "auto_top_up", "refund", "overage_reset"})
 # The `credit.*` webhook of each transaction type (Dodo's webhook list has none for auto_top_up or refund).
 WEBHOOK_TYPES = {
-    "credit_added": "credit.added", "credit_deducted": "credit.deducted", "credit_expired": "credit.expired",
-    "credit_rolled_over": "credit.rolled_over", "rollover_forfeited": "credit.rollover_forfeited",
-    "overage_charged": "credit.overage_charged", "overage_reset": "credit.overage_reset",
+    "credit_added": "credit.added",
+    "credit_deducted": "credit.deducted",
+    "credit_expired": "credit.expired",
+    "credit_rolled_over": "credit.rolled_over",
+    "rollover_forfeited": "credit.rollover_forfeited",
+    "overage_charged": "credit.overage_charged",
+    "overage_reset": "credit.overage_reset",
     "manual_adjustment": "credit.manual_adjustment",
 }
 SUBSCRIPTION_STATUSES = ("pending", "active", "on_hold", "paused", "cancelled", "failed", "expired", "past_due")
@@ -170,9 +182,17 @@ class DodoFake(FakeServer):
     `clock`: the provider's "now" (seconds), used for default timestamps.
     """
 
-    def __init__(self, *, api_key: str | None = None, business_id: str = "bus_fake", brand_id: str = "bra_fake",
-                 clock: Callable[[], float] = time.time, ledger_newest_first: bool = True,
-                 crossing_deduction: Literal["split", "single"] = "split", seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        business_id: str = "bus_fake",
+        brand_id: str = "bra_fake",
+        clock: Callable[[], float] = time.time,
+        ledger_newest_first: bool = True,
+        crossing_deduction: Literal["split", "single"] = "split",
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.api_key = api_key
         self.business_id = business_id
@@ -205,11 +225,22 @@ class DodoFake(FakeServer):
 
     # -- seeding: entitlements and customers -----------------------------------------------------
 
-    def add_entitlement(self, entitlement_id: str | None = None, *, name: str = "API Calls", unit: str = "calls",
-                        precision: int = 2, overage_enabled: bool = False, overage_limit: Amount | None = None,
-                        overage_behavior: str = "forgive_at_reset", rollover_enabled: bool = False,
-                        price_per_unit: str | None = None, currency: str | None = None,
-                        expires_after_days: int | None = None, description: str | None = None) -> JSON:
+    def add_entitlement(
+        self,
+        entitlement_id: str | None = None,
+        *,
+        name: str = "API Calls",
+        unit: str = "calls",
+        precision: int = 2,
+        overage_enabled: bool = False,
+        overage_limit: Amount | None = None,
+        overage_behavior: str = "forgive_at_reset",
+        rollover_enabled: bool = False,
+        price_per_unit: str | None = None,
+        currency: str | None = None,
+        expires_after_days: int | None = None,
+        description: str | None = None,
+    ) -> JSON:
         """A credit entitlement; `overage_limit=None` with overage enabled means unlimited overage."""
         if overage_behavior not in OVERAGE_BEHAVIORS:
             raise ValueError(f"unknown overage behaviour {overage_behavior!r}")
@@ -218,19 +249,29 @@ class DodoFake(FakeServer):
         with self.lock:
             moment = self.now()
             record = _Entitlement(
-                entitlement_id or self.new_id("cde"), name, unit, precision, overage_enabled,
-                None if overage_limit is None else Decimal(overage_limit), overage_behavior, rollover_enabled,
+                entitlement_id or self.new_id("cde"),
+                name,
+                unit,
+                precision,
+                overage_enabled,
+                None if overage_limit is None else Decimal(overage_limit),
+                overage_behavior,
+                rollover_enabled,
                 price_per_unit if price_per_unit is not None or not overage_enabled else "1",
                 currency if currency is not None or not overage_enabled else "USD",
-                expires_after_days, description, moment, moment,
+                expires_after_days,
+                description,
+                moment,
+                moment,
             )
             self._ids.add(record.id)
             self.entitlements[record.id] = record
             self._balances_by_entitlement.setdefault(record.id, [])
             return self.render_entitlement(record)
 
-    def add_customer(self, customer_id: str | None = None, *, email: str | None = None,
-                     name: str = "Ada Lovelace") -> JSON:
+    def add_customer(
+        self, customer_id: str | None = None, *, email: str | None = None, name: str = "Ada Lovelace"
+    ) -> JSON:
         with self.lock:
             customer_id = customer_id or self.new_id("cus")
             self.customers[customer_id] = _Customer(customer_id, email or f"{customer_id}@example.com", name)
@@ -253,10 +294,21 @@ class DodoFake(FakeServer):
             found = self._balances.get((customer_id, entitlement_id))
             return [] if found is None else list(found.entries)
 
-    def add_entry(self, customer_id: str, entitlement_id: str, transaction_type: str, amount: Amount, *,
-                  is_credit: bool | None = None, created_at: datetime | None = None, grant_id: str | None = None,
-                  description: str | None = None, reference_type: str | None = None,
-                  reference_id: str | None = None, metadata: dict[str, Any] | None = None) -> JSON:
+    def add_entry(
+        self,
+        customer_id: str,
+        entitlement_id: str,
+        transaction_type: str,
+        amount: Amount,
+        *,
+        is_credit: bool | None = None,
+        created_at: datetime | None = None,
+        grant_id: str | None = None,
+        description: str | None = None,
+        reference_type: str | None = None,
+        reference_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> JSON:
         """Record one ledger entry and move the balance as Dodo does; returns the entry as the API serves it.
 
         - credits (`credit_added`, `credit_rolled_over`, `auto_top_up`, `refund`, and `manual_adjustment`
@@ -275,8 +327,11 @@ class DodoFake(FakeServer):
         with self.lock:
             balance = self._balance(customer_id, entitlement_id)
             entitlement = self.entitlements[entitlement_id]
-            credit = (is_credit if is_credit is not None else True) if transaction_type == "manual_adjustment" \
+            credit = (
+                (is_credit if is_credit is not None else True)
+                if transaction_type == "manual_adjustment"
                 else transaction_type in CREDIT_TYPES
+            )
             funds, overage = balance.balance, balance.overage
             if transaction_type == "overage_charged":
                 self._check_overage(entitlement, overage)
@@ -304,13 +359,23 @@ class DodoFake(FakeServer):
                 funds -= value
             moment = created_at or self.now()
             entry: JSON = {
-                "id": self.new_id("cle"), "amount": entitlement.fmt(value),
-                "balance_after": entitlement.fmt(funds), "balance_before": entitlement.fmt(balance.balance),
-                "brand_id": self.brand_id, "business_id": self.business_id, "created_at": iso(moment),
-                "credit_entitlement_id": entitlement_id, "customer_id": customer_id, "is_credit": credit,
-                "metadata": dict(metadata or {}), "overage_after": entitlement.fmt(overage),
-                "overage_before": entitlement.fmt(balance.overage), "transaction_type": transaction_type,
-                "description": description, "grant_id": grant_id, "reference_id": reference_id,
+                "id": self.new_id("cle"),
+                "amount": entitlement.fmt(value),
+                "balance_after": entitlement.fmt(funds),
+                "balance_before": entitlement.fmt(balance.balance),
+                "brand_id": self.brand_id,
+                "business_id": self.business_id,
+                "created_at": iso(moment),
+                "credit_entitlement_id": entitlement_id,
+                "customer_id": customer_id,
+                "is_credit": credit,
+                "metadata": dict(metadata or {}),
+                "overage_after": entitlement.fmt(overage),
+                "overage_before": entitlement.fmt(balance.overage),
+                "transaction_type": transaction_type,
+                "description": description,
+                "grant_id": grant_id,
+                "reference_id": reference_id,
                 "reference_type": reference_type,
             }
             balance.balance, balance.overage = funds, overage
@@ -319,9 +384,18 @@ class DodoFake(FakeServer):
             self._append_entry(balance, moment, entry)
             return {**entry, "metadata": dict(entry["metadata"])}
 
-    def grant(self, customer_id: str, entitlement_id: str, amount: Amount, *, source_type: str = "subscription",
-              source_id: str | None = None, expires_at: datetime | None = None, created_at: datetime | None = None,
-              metadata: dict[str, Any] | None = None) -> JSON:
+    def grant(
+        self,
+        customer_id: str,
+        entitlement_id: str,
+        amount: Amount,
+        *,
+        source_type: str = "subscription",
+        source_id: str | None = None,
+        expires_at: datetime | None = None,
+        created_at: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> JSON:
         """Issue a grant and its `credit_added` entry (what a subscription cycle, top-up or API credit does)."""
         with self.lock:
             moment = created_at or self.now()
@@ -329,20 +403,47 @@ class DodoFake(FakeServer):
             if expires_at is None and entitlement.expires_after_days is not None:
                 expires_at = datetime.fromtimestamp(moment.timestamp() + entitlement.expires_after_days * 86400, UTC)
             value = Decimal(amount)
-            record = _Grant(self.new_id("cgr"), customer_id, entitlement_id, value, value, source_type, source_id,
-                            moment, moment, expires_at, dict(metadata or {}))
+            record = _Grant(
+                self.new_id("cgr"),
+                customer_id,
+                entitlement_id,
+                value,
+                value,
+                source_type,
+                source_id,
+                moment,
+                moment,
+                expires_at,
+                dict(metadata or {}),
+            )
             balance = self._balance(customer_id, entitlement_id)
             repaid = min(value, balance.overage) if entitlement.overage_behavior == "carry_deficit_auto_repay" else 0
             record.remaining = value - Decimal(repaid)
             balance.grants.append(record)
             self._grants[record.id] = record
-            return self.add_entry(customer_id, entitlement_id, "credit_added", value, created_at=moment,
-                                  grant_id=record.id, reference_type=source_type, reference_id=source_id,
-                                  metadata=metadata)
+            return self.add_entry(
+                customer_id,
+                entitlement_id,
+                "credit_added",
+                value,
+                created_at=moment,
+                grant_id=record.id,
+                reference_type=source_type,
+                reference_id=source_id,
+                metadata=metadata,
+            )
 
-    def deduct(self, customer_id: str, entitlement_id: str, amount: Amount, *, created_at: datetime | None = None,
-               description: str | None = None, reference_id: str | None = None,
-               metadata: dict[str, Any] | None = None) -> list[JSON]:
+    def deduct(
+        self,
+        customer_id: str,
+        entitlement_id: str,
+        amount: Amount,
+        *,
+        created_at: datetime | None = None,
+        description: str | None = None,
+        reference_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> list[JSON]:
         """Usage as Dodo applies it: oldest grants first, then overage when enabled; the entries made.
 
         Crossing zero makes two entries (`credit_deducted`, `overage_charged`) or one, by
@@ -358,16 +459,31 @@ class DodoFake(FakeServer):
             if shortfall:
                 self._check_overage(entitlement, balance.overage)
             first_grant = self._consume_grants(balance, covered)
-            common: dict[str, Any] = {"created_at": created_at, "description": description,
-                                      "reference_type": "meter" if reference_id else None,
-                                      "reference_id": reference_id, "metadata": metadata}
+            common: dict[str, Any] = {
+                "created_at": created_at,
+                "description": description,
+                "reference_type": "meter" if reference_id else None,
+                "reference_id": reference_id,
+                "metadata": metadata,
+            }
             entries: list[JSON] = []
             if self.crossing_deduction == "single" and covered + shortfall > 0:
-                return [self.add_entry(customer_id, entitlement_id, "credit_deducted", covered + shortfall,
-                                       grant_id=first_grant, **common)]
+                return [
+                    self.add_entry(
+                        customer_id,
+                        entitlement_id,
+                        "credit_deducted",
+                        covered + shortfall,
+                        grant_id=first_grant,
+                        **common,
+                    )
+                ]
             if covered > 0:
-                entries.append(self.add_entry(customer_id, entitlement_id, "credit_deducted", covered,
-                                              grant_id=first_grant, **common))
+                entries.append(
+                    self.add_entry(
+                        customer_id, entitlement_id, "credit_deducted", covered, grant_id=first_grant, **common
+                    )
+                )
             if shortfall > 0:
                 entries.append(self.add_entry(customer_id, entitlement_id, "overage_charged", shortfall, **common))
             return entries
@@ -381,11 +497,18 @@ class DodoFake(FakeServer):
             record.updated_at = created_at or self.now()
             if remaining <= 0:
                 return None
-            return self.add_entry(record.customer_id, record.entitlement_id, "credit_expired", remaining,
-                                  created_at=created_at, grant_id=grant_id)
+            return self.add_entry(
+                record.customer_id,
+                record.entitlement_id,
+                "credit_expired",
+                remaining,
+                created_at=created_at,
+                grant_id=grant_id,
+            )
 
-    def reset_overage(self, customer_id: str, entitlement_id: str, *,
-                      created_at: datetime | None = None) -> JSON | None:
+    def reset_overage(
+        self, customer_id: str, entitlement_id: str, *, created_at: datetime | None = None
+    ) -> JSON | None:
         """The overage goes back to zero at a cycle end (`overage_reset`); None when there was none."""
         with self.lock:
             overage = self._balance(customer_id, entitlement_id).overage
@@ -393,8 +516,9 @@ class DodoFake(FakeServer):
                 return None
             return self.add_entry(customer_id, entitlement_id, "overage_reset", overage, created_at=created_at)
 
-    def set_balance_without_entry(self, customer_id: str, entitlement_id: str, *, balance: Amount | None = None,
-                                  overage: Amount | None = None) -> JSON:
+    def set_balance_without_entry(
+        self, customer_id: str, entitlement_id: str, *, balance: Amount | None = None, overage: Amount | None = None
+    ) -> JSON:
         """Drift: change the balance (or overage) with no ledger entry that explains it."""
         with self.lock:
             record = self._balance(customer_id, entitlement_id)
@@ -405,8 +529,9 @@ class DodoFake(FakeServer):
             record.updated_at = self.now()
             return self.render_balance(record)
 
-    def seed_balances(self, entitlement_id: str, n: int, *, balance: Amount = "100",
-                      with_entries: bool = False) -> list[str]:
+    def seed_balances(
+        self, entitlement_id: str, n: int, *, balance: Amount = "100", with_entries: bool = False
+    ) -> list[str]:
         """`n` customers with a balance on `entitlement_id` (customer ids returned, in list order).
 
         Without entries (the default) each balance is just set, which is fast for 50,000; with
@@ -470,12 +595,24 @@ class DodoFake(FakeServer):
     # -- seeding: subscriptions ------------------------------------------------------------------
 
     def add_subscription(
-        self, customer_id: str | None = None, *, subscription_id: str | None = None, product_id: str = "pdt_fake",
-        status: str = "active", cart: Sequence[tuple[str, Amount]] = (), quantity: int = 1,
-        previous_billing_date: datetime | None = None, next_billing_date: datetime | None = None,
-        interval: str = "Month", interval_count: int = 1, cancel_at_next_billing_date: bool = False,
-        metadata: dict[str, Any] | None = None, recurring_pre_tax_amount: int = 1000, grant: bool = True,
-        meters: Sequence[JSON] = (), meter_credit_entitlement_cart: Sequence[JSON] = (),
+        self,
+        customer_id: str | None = None,
+        *,
+        subscription_id: str | None = None,
+        product_id: str = "pdt_fake",
+        status: str = "active",
+        cart: Sequence[tuple[str, Amount]] = (),
+        quantity: int = 1,
+        previous_billing_date: datetime | None = None,
+        next_billing_date: datetime | None = None,
+        interval: str = "Month",
+        interval_count: int = 1,
+        cancel_at_next_billing_date: bool = False,
+        metadata: dict[str, Any] | None = None,
+        recurring_pre_tax_amount: int = 1000,
+        grant: bool = True,
+        meters: Sequence[JSON] = (),
+        meter_credit_entitlement_cart: Sequence[JSON] = (),
     ) -> JSON:
         """A subscription whose `cart` lists (entitlement id, credits per period); returns it as retrieved.
 
@@ -487,10 +624,20 @@ class DodoFake(FakeServer):
         with self.lock:
             start = previous_billing_date or self.now()
             record = _Subscription(
-                subscription_id or self.new_id("sub"), customer_id or self.new_id("cus"), product_id, status,
-                quantity, start, start, next_billing_date or add_period(start, interval, interval_count), interval,
-                interval_count, [_CartLine(ce, Decimal(amount)) for ce, amount in cart], dict(metadata or {}),
-                recurring_pre_tax_amount, cancel_at_next_billing_date,
+                subscription_id or self.new_id("sub"),
+                customer_id or self.new_id("cus"),
+                product_id,
+                status,
+                quantity,
+                start,
+                start,
+                next_billing_date or add_period(start, interval, interval_count),
+                interval,
+                interval_count,
+                [_CartLine(ce, Decimal(amount)) for ce, amount in cart],
+                dict(metadata or {}),
+                recurring_pre_tax_amount,
+                cancel_at_next_billing_date,
                 meters=[dict(meter) for meter in meters],
                 meter_credit_entitlement_cart=[dict(line) for line in meter_credit_entitlement_cart],
             )
@@ -503,17 +650,30 @@ class DodoFake(FakeServer):
             self._subscription_order.append(record)
             if grant:
                 for line in record.cart:
-                    self.grant(record.customer_id, line.entitlement_id, line.credits_amount, source_id=record.id,
-                               created_at=start)
+                    self.grant(
+                        record.customer_id,
+                        line.entitlement_id,
+                        line.credits_amount,
+                        source_id=record.id,
+                        created_at=start,
+                    )
             return self.render_subscription(record)
 
     def subscription(self, subscription_id: str) -> JSON:
         with self.lock:
             return self.render_subscription(self.subscriptions[subscription_id])
 
-    def update_subscription(self, subscription_id: str, *, status: str | None = None, quantity: int | None = None,
-                            product_id: str | None = None, cancel_at_next_billing_date: bool | None = None,
-                            cancelled_at: datetime | None = None, metadata: dict[str, Any] | None = None) -> JSON:
+    def update_subscription(
+        self,
+        subscription_id: str,
+        *,
+        status: str | None = None,
+        quantity: int | None = None,
+        product_id: str | None = None,
+        cancel_at_next_billing_date: bool | None = None,
+        cancelled_at: datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> JSON:
         """Change fields in place (a status change, a scheduled cancel); returns the subscription as retrieved."""
         with self.lock:
             record = self.subscriptions[subscription_id]
@@ -554,13 +714,22 @@ class DodoFake(FakeServer):
                         expired = self.expire_grant(old.id, created_at=moment)
                         if expired is not None:
                             entries.append(expired)
-                if self.entitlements[line.entitlement_id].overage_behavior in {"forgive_at_reset",
-                                                                                 "invoice_at_billing"}:
+                if self.entitlements[line.entitlement_id].overage_behavior in {
+                    "forgive_at_reset",
+                    "invoice_at_billing",
+                }:
                     reset = self.reset_overage(record.customer_id, line.entitlement_id, created_at=moment)
                     if reset is not None:
                         entries.append(reset)
-                entries.append(self.grant(record.customer_id, line.entitlement_id, line.credits_amount,
-                                          source_id=record.id, created_at=moment))
+                entries.append(
+                    self.grant(
+                        record.customer_id,
+                        line.entitlement_id,
+                        line.credits_amount,
+                        source_id=record.id,
+                        created_at=moment,
+                    )
+                )
             return entries
 
     # -- webhooks --------------------------------------------------------------------------------
@@ -570,69 +739,106 @@ class DodoFake(FakeServer):
         event_type = WEBHOOK_TYPES.get(entry["transaction_type"])
         if event_type is None:
             raise ValueError(f"Dodo documents no webhook for {entry['transaction_type']} entries")
-        return {"business_id": self.business_id, "type": event_type,
-                "timestamp": iso(timestamp or self.now()), "data": dict(entry)}
+        return {
+            "business_id": self.business_id,
+            "type": event_type,
+            "timestamp": iso(timestamp or self.now()),
+            "data": dict(entry),
+        }
 
-    def subscription_webhook_payload(self, subscription_id: str, event_type: str | None = None, *,
-                                     timestamp: datetime | None = None) -> JSON:
+    def subscription_webhook_payload(
+        self, subscription_id: str, event_type: str | None = None, *, timestamp: datetime | None = None
+    ) -> JSON:
         """A `subscription.*` webhook carrying the subscription as it is now (Dodo sends the latest state)."""
         with self.lock:
             record = self.subscriptions[subscription_id]
             data = {"payload_type": "Subscription", **self.render_subscription(record)}
-            return {"business_id": self.business_id, "type": event_type or f"subscription.{record.status}",
-                    "timestamp": iso(timestamp or self.now()), "data": data}
+            return {
+                "business_id": self.business_id,
+                "type": event_type or f"subscription.{record.status}",
+                "timestamp": iso(timestamp or self.now()),
+                "data": data,
+            }
 
     # -- rendering -------------------------------------------------------------------------------
 
     def render_entitlement(self, record: _Entitlement) -> JSON:
         return {
-            "id": record.id, "business_id": self.business_id, "created_at": iso(record.created_at),
-            "name": record.name, "overage_behavior": record.overage_behavior,
-            "overage_enabled": record.overage_enabled, "precision": record.precision,
-            "rollover_enabled": record.rollover_enabled, "unit": record.unit, "updated_at": iso(record.updated_at),
-            "currency": record.currency, "description": record.description,
-            "expires_after_days": record.expires_after_days, "max_rollover_count": None,
+            "id": record.id,
+            "business_id": self.business_id,
+            "created_at": iso(record.created_at),
+            "name": record.name,
+            "overage_behavior": record.overage_behavior,
+            "overage_enabled": record.overage_enabled,
+            "precision": record.precision,
+            "rollover_enabled": record.rollover_enabled,
+            "unit": record.unit,
+            "updated_at": iso(record.updated_at),
+            "currency": record.currency,
+            "description": record.description,
+            "expires_after_days": record.expires_after_days,
+            "max_rollover_count": None,
             "overage_limit": None if record.overage_limit is None else int(record.overage_limit),
-            "price_per_unit": record.price_per_unit, "rollover_percentage": None, "rollover_timeframe_count": None,
+            "price_per_unit": record.price_per_unit,
+            "rollover_percentage": None,
+            "rollover_timeframe_count": None,
             "rollover_timeframe_interval": None,
         }
 
     def render_balance(self, record: _Balance) -> JSON:
         entitlement = self.entitlements[record.entitlement_id]
         return {
-            "id": record.id, "balance": entitlement.fmt(record.balance), "created_at": iso(record.created_at),
-            "credit_entitlement_id": record.entitlement_id, "customer_id": record.customer_id,
-            "overage": entitlement.fmt(record.overage), "updated_at": iso(record.updated_at),
+            "id": record.id,
+            "balance": entitlement.fmt(record.balance),
+            "created_at": iso(record.created_at),
+            "credit_entitlement_id": record.entitlement_id,
+            "customer_id": record.customer_id,
+            "overage": entitlement.fmt(record.overage),
+            "updated_at": iso(record.updated_at),
             "last_transaction_at": None if record.last_transaction_at is None else iso(record.last_transaction_at),
         }
 
     def render_grant(self, record: _Grant) -> JSON:
         entitlement = self.entitlements[record.entitlement_id]
         return {
-            "id": record.id, "created_at": iso(record.created_at), "credit_entitlement_id": record.entitlement_id,
-            "customer_id": record.customer_id, "initial_amount": entitlement.fmt(record.initial),
-            "is_expired": record.is_expired, "is_rolled_over": False,
-            "remaining_amount": entitlement.fmt(record.remaining), "rollover_count": 0,
-            "source_type": record.source_type, "updated_at": iso(record.updated_at),
+            "id": record.id,
+            "created_at": iso(record.created_at),
+            "credit_entitlement_id": record.entitlement_id,
+            "customer_id": record.customer_id,
+            "initial_amount": entitlement.fmt(record.initial),
+            "is_expired": record.is_expired,
+            "is_rolled_over": False,
+            "remaining_amount": entitlement.fmt(record.remaining),
+            "rollover_count": 0,
+            "source_type": record.source_type,
+            "updated_at": iso(record.updated_at),
             "expires_at": None if record.expires_at is None else iso(record.expires_at),
-            "metadata": dict(record.metadata), "parent_grant_id": None, "source_id": record.source_id,
+            "metadata": dict(record.metadata),
+            "parent_grant_id": None,
+            "source_id": record.source_id,
         }
 
     def _cart_line(self, record: _Subscription, line: _CartLine) -> JSON:
         entitlement = self.entitlements[line.entitlement_id]
         balance = self._balances.get((record.customer_id, line.entitlement_id))
         return {
-            "credit_entitlement_id": entitlement.id, "credit_entitlement_name": entitlement.name,
+            "credit_entitlement_id": entitlement.id,
+            "credit_entitlement_name": entitlement.name,
             "credits_amount": entitlement.fmt(line.credits_amount),
             "overage_balance": entitlement.fmt(balance.overage if balance else Decimal(0)),
-            "overage_behavior": entitlement.overage_behavior, "overage_enabled": entitlement.overage_enabled,
+            "overage_behavior": entitlement.overage_behavior,
+            "overage_enabled": entitlement.overage_enabled,
             "product_id": record.product_id,
             "remaining_balance": entitlement.fmt(balance.balance if balance else Decimal(0)),
-            "rollover_enabled": entitlement.rollover_enabled, "unit": entitlement.unit,
+            "rollover_enabled": entitlement.rollover_enabled,
+            "unit": entitlement.unit,
             "expires_after_days": entitlement.expires_after_days,
-            "low_balance_threshold_percent": line.low_balance_threshold_percent, "max_rollover_count": None,
+            "low_balance_threshold_percent": line.low_balance_threshold_percent,
+            "max_rollover_count": None,
             "overage_limit": None if entitlement.overage_limit is None else entitlement.fmt(entitlement.overage_limit),
-            "rollover_percentage": None, "rollover_timeframe_count": None, "rollover_timeframe_interval": None,
+            "rollover_percentage": None,
+            "rollover_timeframe_count": None,
+            "rollover_timeframe_interval": None,
         }
 
     def _subscription_common(self, record: _Subscription) -> JSON:
@@ -640,31 +846,57 @@ class DodoFake(FakeServer):
         return {
             "billing": {"country": "US", "city": None, "state": None, "street": None, "zipcode": None},
             "brand_id": self.brand_id,
-            "cancel_at_next_billing_date": record.cancel_at_next_billing_date, "created_at": iso(record.created_at),
+            "cancel_at_next_billing_date": record.cancel_at_next_billing_date,
+            "created_at": iso(record.created_at),
             "currency": "USD",
-            "customer": {"customer_id": customer.id, "email": customer.email, "name": customer.name,
-                         "metadata": {}, "phone_number": None},
-            "has_payment_method": True, "metadata": dict(record.metadata),
-            "next_billing_date": iso(record.next_billing_date), "on_demand": False,
-            "payment_frequency_count": record.interval_count, "payment_frequency_interval": record.interval,
-            "previous_billing_date": iso(record.previous_billing_date), "product_id": record.product_id,
-            "quantity": record.quantity, "recurring_pre_tax_amount": record.recurring_pre_tax_amount,
-            "status": record.status, "subscription_id": record.id, "subscription_period_count": 10,
-            "subscription_period_interval": "Year", "tax_inclusive": False, "trial_period_days": 0,
-            "cancelled_at": None if record.cancelled_at is None else iso(record.cancelled_at), "cancelled_by": None,
-            "customer_business_name": None, "discount_cycles_remaining": None, "discount_id": None,
-            "paused_at": None, "payment_method_id": None, "scheduled_change": None, "tax_id": None,
+            "customer": {
+                "customer_id": customer.id,
+                "email": customer.email,
+                "name": customer.name,
+                "metadata": {},
+                "phone_number": None,
+            },
+            "has_payment_method": True,
+            "metadata": dict(record.metadata),
+            "next_billing_date": iso(record.next_billing_date),
+            "on_demand": False,
+            "payment_frequency_count": record.interval_count,
+            "payment_frequency_interval": record.interval,
+            "previous_billing_date": iso(record.previous_billing_date),
+            "product_id": record.product_id,
+            "quantity": record.quantity,
+            "recurring_pre_tax_amount": record.recurring_pre_tax_amount,
+            "status": record.status,
+            "subscription_id": record.id,
+            "subscription_period_count": 10,
+            "subscription_period_interval": "Year",
+            "tax_inclusive": False,
+            "trial_period_days": 0,
+            "cancelled_at": None if record.cancelled_at is None else iso(record.cancelled_at),
+            "cancelled_by": None,
+            "customer_business_name": None,
+            "discount_cycles_remaining": None,
+            "discount_id": None,
+            "paused_at": None,
+            "payment_method_id": None,
+            "scheduled_change": None,
+            "tax_id": None,
             "trial_amount": None,
         }
 
     def render_subscription(self, record: _Subscription) -> JSON:
         """The subscription as `GET /subscriptions/{id}` (and a `subscription.*` webhook) renders it."""
         return {
-            **self._subscription_common(record), "addons": [],
+            **self._subscription_common(record),
+            "addons": [],
             "credit_entitlement_cart": [self._cart_line(record, line) for line in record.cart],
             "meter_credit_entitlement_cart": [dict(line) for line in record.meter_credit_entitlement_cart],
-            "meters": [dict(meter) for meter in record.meters], "cancellation_comment": None,
-            "cancellation_feedback": None, "custom_field_responses": None, "discounts": [], "expires_at": None,
+            "meters": [dict(meter) for meter in record.meters],
+            "cancellation_comment": None,
+            "cancellation_feedback": None,
+            "custom_field_responses": None,
+            "discounts": [],
+            "expires_at": None,
         }
 
     def render_subscription_list_item(self, record: _Subscription) -> JSON:
@@ -678,14 +910,19 @@ class DodoFake(FakeServer):
             balance = self._balances.get((record.customer_id, line.entitlement_id))
             overage = balance.overage if balance else Decimal(0)
             limit = entitlement.overage_limit if entitlement.overage_enabled else None
-            items.append({
-                "balance": entitlement.fmt(balance.balance if balance else Decimal(0)),
-                "credit_entitlement_id": entitlement.id, "credit_entitlement_name": entitlement.name,
-                "limit_reached": limit is not None and overage >= limit, "overage": entitlement.fmt(overage),
-                "overage_enabled": entitlement.overage_enabled, "unit": entitlement.unit,
-                "overage_limit": None if limit is None else entitlement.fmt(limit),
-                "remaining_headroom": None if limit is None else entitlement.fmt(max(limit - overage, Decimal(0))),
-            })
+            items.append(
+                {
+                    "balance": entitlement.fmt(balance.balance if balance else Decimal(0)),
+                    "credit_entitlement_id": entitlement.id,
+                    "credit_entitlement_name": entitlement.name,
+                    "limit_reached": limit is not None and overage >= limit,
+                    "overage": entitlement.fmt(overage),
+                    "overage_enabled": entitlement.overage_enabled,
+                    "unit": entitlement.unit,
+                    "overage_limit": None if limit is None else entitlement.fmt(limit),
+                    "remaining_headroom": None if limit is None else entitlement.fmt(max(limit - overage, Decimal(0))),
+                }
+            )
         return {"items": items, "subscription_id": record.id}
 
     # -- the API ---------------------------------------------------------------------------------
@@ -698,8 +935,14 @@ class DodoFake(FakeServer):
         return None
 
     def error(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> Response:
-        default = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 404: "NOT_FOUND", 409: "CONFLICT",
-                   422: "UNPROCESSABLE_ENTITY", 429: "TOO_MANY_REQUESTS"}.get(status, "INTERNAL_SERVER_ERROR")
+        default = {
+            400: "BAD_REQUEST",
+            401: "UNAUTHORIZED",
+            404: "NOT_FOUND",
+            409: "CONFLICT",
+            422: "UNPROCESSABLE_ENTITY",
+            429: "TOO_MANY_REQUESTS",
+        }.get(status, "INTERNAL_SERVER_ERROR")
         return Response(status, {"code": code or default, "message": message})
 
     def fault_response(self, status: int) -> Response:
@@ -746,8 +989,10 @@ class DodoFake(FakeServer):
                 found = self._balances.get((customer_id, entitlement.id))
                 balances = [found] if found is not None else []
             number, size = self._paging(params)
-            return Response(200, {"items": [self.render_balance(record)
-                                             for record in balances[number * size:(number + 1) * size]]})
+            return Response(
+                200,
+                {"items": [self.render_balance(record) for record in balances[number * size : (number + 1) * size]]},
+            )
         balance = self._balances.get((parts[2], entitlement.id))
         if len(parts) == 3:
             if balance is None:
@@ -797,13 +1042,15 @@ class DodoFake(FakeServer):
             raise abort(self.error(422, f"Invalid status {status}"))
 
         def match(record: _Subscription) -> bool:
-            return ((status is None or record.status == status)
-                    and (customer_id is None or record.customer_id == customer_id)
-                    and (product_id is None or record.product_id == product_id)
-                    and (brand_id is None or brand_id == self.brand_id)
-                    and (cancel_flag is None or str(record.cancel_at_next_billing_date).lower() == cancel_flag)
-                    and (after is None or record.created_at >= after)
-                    and (before is None or record.created_at <= before))
+            return (
+                (status is None or record.status == status)
+                and (customer_id is None or record.customer_id == customer_id)
+                and (product_id is None or record.product_id == product_id)
+                and (brand_id is None or brand_id == self.brand_id)
+                and (cancel_flag is None or str(record.cancel_at_next_billing_date).lower() == cancel_flag)
+                and (after is None or record.created_at >= after)
+                and (before is None or record.created_at <= before)
+            )
 
         skip, items = number * size, []
         for record in reversed(self._subscription_order):
@@ -819,7 +1066,7 @@ class DodoFake(FakeServer):
 
     def _page(self, rendered: list[JSON], params: dict[str, str]) -> Response:
         number, size = self._paging(params)
-        return Response(200, {"items": rendered[number * size:(number + 1) * size]})
+        return Response(200, {"items": rendered[number * size : (number + 1) * size]})
 
     def _paging(self, params: dict[str, str]) -> tuple[int, int]:
         try:

@@ -44,7 +44,14 @@ __all__ = ["DEFAULT_API_VERSION", "SUBSCRIPTION_STATUSES", "StripeFake"]
 
 DEFAULT_API_VERSION = "2025-03-31.basil"
 SUBSCRIPTION_STATUSES = (
-    "incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused",
+    "incomplete",
+    "incomplete_expired",
+    "trialing",
+    "active",
+    "past_due",
+    "canceled",
+    "unpaid",
+    "paused",
 )
 EVENT_RETENTION_SECONDS = 30 * 86400
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
@@ -112,9 +119,14 @@ class _Event:
 
     def render(self) -> str:
         head = {
-            "id": self.id, "object": "event", "api_version": self.api_version, "created": self.created,
-            "livemode": False, "pending_webhooks": 0 if self.delivered else 1,
-            "request": {"id": None, "idempotency_key": None}, "type": self.type,
+            "id": self.id,
+            "object": "event",
+            "api_version": self.api_version,
+            "created": self.created,
+            "livemode": False,
+            "pending_webhooks": 0 if self.delivered else 1,
+            "request": {"id": None, "idempotency_key": None},
+            "type": self.type,
         }
         return json.dumps(head)[:-1] + ', "data": ' + self.data_json + "}"
 
@@ -179,8 +191,16 @@ class _Timeline(Generic[T]):
             hi = min(hi, bisect_left(self.keys, (bounds["lt"], -1)))
         return lo, hi
 
-    def page(self, lo: int, hi: int, limit: int, match: Callable[[T], bool], *,
-             starting_after: int | None = None, ending_before: int | None = None) -> tuple[list[T], bool]:
+    def page(
+        self,
+        lo: int,
+        hi: int,
+        limit: int,
+        match: Callable[[T], bool],
+        *,
+        starting_after: int | None = None,
+        ending_before: int | None = None,
+    ) -> tuple[list[T], bool]:
         """One page of at most `limit` matching records, newest first, and whether more lie beyond it."""
         found: list[T] = []
         if ending_before is not None:
@@ -212,8 +232,14 @@ class StripeFake(FakeServer):
     `seed`: ids are random but reproducible from it.
     """
 
-    def __init__(self, *, api_key: str | None = None, api_version: str = DEFAULT_API_VERSION,
-                 clock: Callable[[], float] = time.time, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        api_version: str = DEFAULT_API_VERSION,
+        clock: Callable[[], float] = time.time,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.api_key = api_key
         self.api_version = api_version
@@ -245,38 +271,83 @@ class StripeFake(FakeServer):
 
     # -- seeding: catalogue and customers --------------------------------------------------------
 
-    def add_product(self, product_id: str | None = None, *, name: str = "Plan",
-                    metadata: dict[str, str] | None = None) -> JSON:
+    def add_product(
+        self, product_id: str | None = None, *, name: str = "Plan", metadata: dict[str, str] | None = None
+    ) -> JSON:
         with self.lock:
             product_id = product_id or self.new_id("prod")
             self.products[product_id] = {
-                "id": product_id, "object": "product", "active": True, "created": self.now(),
-                "default_price": None, "description": None, "images": [], "livemode": False,
-                "marketing_features": [], "metadata": dict(metadata or {}), "name": name,
-                "package_dimensions": None, "shippable": None, "statement_descriptor": None,
-                "tax_code": None, "type": "service", "unit_label": None, "updated": self.now(), "url": None,
+                "id": product_id,
+                "object": "product",
+                "active": True,
+                "created": self.now(),
+                "default_price": None,
+                "description": None,
+                "images": [],
+                "livemode": False,
+                "marketing_features": [],
+                "metadata": dict(metadata or {}),
+                "name": name,
+                "package_dimensions": None,
+                "shippable": None,
+                "statement_descriptor": None,
+                "tax_code": None,
+                "type": "service",
+                "unit_label": None,
+                "updated": self.now(),
+                "url": None,
             }
             return self.products[product_id]
 
-    def add_price(self, price_id: str | None = None, *, product: str | None = None, lookup_key: str | None = None,
-                  metadata: dict[str, str] | None = None, unit_amount: int = 1000, currency: str = "usd",
-                  interval: str = "month", interval_count: int = 1) -> JSON:
+    def add_price(
+        self,
+        price_id: str | None = None,
+        *,
+        product: str | None = None,
+        lookup_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+        unit_amount: int = 1000,
+        currency: str = "usd",
+        interval: str = "month",
+        interval_count: int = 1,
+    ) -> JSON:
         """A recurring price; its product is created when unknown. `metadata` is where a plan can describe itself."""
         with self.lock:
             price_id = price_id or self.new_id("price")
             product = product or f"prod_{price_id.removeprefix('price_')}"
             if product not in self.products:
                 self.add_product(product)
-            self.prices[price_id] = _Price(price_id, product, lookup_key, dict(metadata or {}), unit_amount,
-                                           currency, interval, interval_count, self.now())
+            self.prices[price_id] = _Price(
+                price_id,
+                product,
+                lookup_key,
+                dict(metadata or {}),
+                unit_amount,
+                currency,
+                interval,
+                interval_count,
+                self.now(),
+            )
             return self.render_price(self.prices[price_id])
 
-    def add_customer(self, customer_id: str | None = None, *, email: str | None = None, name: str | None = None,
-                     metadata: dict[str, str] | None = None, created: int | None = None) -> JSON:
+    def add_customer(
+        self,
+        customer_id: str | None = None,
+        *,
+        email: str | None = None,
+        name: str | None = None,
+        metadata: dict[str, str] | None = None,
+        created: int | None = None,
+    ) -> JSON:
         with self.lock:
             customer_id = customer_id or self.new_id("cus")
-            self.customers[customer_id] = _Customer(customer_id, email or f"{customer_id}@example.com", name,
-                                                    dict(metadata or {}), self.now() if created is None else created)
+            self.customers[customer_id] = _Customer(
+                customer_id,
+                email or f"{customer_id}@example.com",
+                name,
+                dict(metadata or {}),
+                self.now() if created is None else created,
+            )
             return self.render_customer(self.customers[customer_id])
 
     def delete_customer(self, customer_id: str, *, delivered: bool = True) -> None:
@@ -299,10 +370,21 @@ class StripeFake(FakeServer):
     # -- seeding: subscriptions ------------------------------------------------------------------
 
     def create_subscription(
-        self, customer: str | None = None, price: str = "price_default", *, subscription_id: str | None = None,
-        status: str = "active", quantity: int = 1, created: int | None = None, period_start: int | None = None,
-        period_end: int | None = None, cancel_at_period_end: bool = False, trial_end: int | None = None,
-        metadata: dict[str, str] | None = None, event: bool = True, delivered: bool = True,
+        self,
+        customer: str | None = None,
+        price: str = "price_default",
+        *,
+        subscription_id: str | None = None,
+        status: str = "active",
+        quantity: int = 1,
+        created: int | None = None,
+        period_start: int | None = None,
+        period_end: int | None = None,
+        cancel_at_period_end: bool = False,
+        trial_end: int | None = None,
+        metadata: dict[str, str] | None = None,
+        event: bool = True,
+        delivered: bool = True,
     ) -> JSON:
         """A new subscription (and its customer and price when unknown), with `customer.subscription.created`.
 
@@ -317,13 +399,24 @@ class StripeFake(FakeServer):
             self._ensure_customer(customer, created)
             price_record = self._ensure_price(price)
             start = created if period_start is None else period_start
-            end = period_end if period_end is not None else add_interval(start, price_record.interval,
-                                                                          price_record.interval_count)
+            end = (
+                period_end
+                if period_end is not None
+                else add_interval(start, price_record.interval, price_record.interval_count)
+            )
             record = _Subscription(
-                id=subscription_id or self.new_id("sub"), customer=customer, item_id=self.new_id("si"),
-                price=price, quantity=quantity, status=status, created=created, period_start=start,
-                period_end=end, metadata=dict(metadata or {}),
-                trial_start=created if trial_end is not None else None, trial_end=trial_end,
+                id=subscription_id or self.new_id("sub"),
+                customer=customer,
+                item_id=self.new_id("si"),
+                price=price,
+                quantity=quantity,
+                status=status,
+                created=created,
+                period_start=start,
+                period_end=end,
+                metadata=dict(metadata or {}),
+                trial_start=created if trial_end is not None else None,
+                trial_end=trial_end,
             )
             record.cancel_at_period_end = cancel_at_period_end
             record.cancel_at = end if cancel_at_period_end else None
@@ -338,8 +431,15 @@ class StripeFake(FakeServer):
                 self.add_event("customer.subscription.created", snapshot, delivered=delivered, created=created)
             return snapshot
 
-    def seed_subscriptions(self, n: int, *, price: str = "price_default", status: str | Sequence[str] = "active",
-                           created_start: int | None = None, customers: int | None = None) -> list[str]:
+    def seed_subscriptions(
+        self,
+        n: int,
+        *,
+        price: str = "price_default",
+        status: str | Sequence[str] = "active",
+        created_start: int | None = None,
+        customers: int | None = None,
+    ) -> list[str]:
         """`n` subscriptions at once, without events (the state before the test starts), ids returned oldest first.
 
         `created` goes up one second per subscription from `created_start` (default: `n` seconds ago);
@@ -359,9 +459,15 @@ class StripeFake(FakeServer):
                 created = first + index
                 end = add_interval(created, price_record.interval, price_record.interval_count)
                 record = _Subscription(
-                    id=self.new_id("sub"), customer=customer_ids[index % pool], item_id=self.new_id("si"),
-                    price=price, quantity=1, status=statuses[index % len(statuses)], created=created,
-                    period_start=created, period_end=end,
+                    id=self.new_id("sub"),
+                    customer=customer_ids[index % pool],
+                    item_id=self.new_id("si"),
+                    price=price,
+                    quantity=1,
+                    status=statuses[index % len(statuses)],
+                    created=created,
+                    period_start=created,
+                    period_end=end,
                 )
                 self.subscriptions[record.id] = record
                 rows.append((record.id, created, record))
@@ -374,10 +480,19 @@ class StripeFake(FakeServer):
             return self.render_subscription(self._subscription(subscription_id))
 
     def update_subscription(
-        self, subscription_id: str, *, status: str | None = None, price: str | None = None,
-        quantity: int | None = None, cancel_at_period_end: bool | None = None, period_start: int | None = None,
-        period_end: int | None = None, metadata: dict[str, str] | None = None, event_type: str | None = None,
-        delivered: bool = True, event: bool = True,
+        self,
+        subscription_id: str,
+        *,
+        status: str | None = None,
+        price: str | None = None,
+        quantity: int | None = None,
+        cancel_at_period_end: bool | None = None,
+        period_start: int | None = None,
+        period_end: int | None = None,
+        metadata: dict[str, str] | None = None,
+        event_type: str | None = None,
+        delivered: bool = True,
+        event: bool = True,
     ) -> JSON:
         """Change fields as a dashboard or API update would; sends `customer.subscription.updated`
         (or `event_type`, e.g. `customer.subscription.paused`) with the changed top-level fields in
@@ -407,12 +522,17 @@ class StripeFake(FakeServer):
                 record.metadata = dict(metadata)
             after = self.render_subscription(record)
             if event:
-                self.add_event(event_type or "customer.subscription.updated", after,
-                               previous_attributes=changed(before, after), delivered=delivered)
+                self.add_event(
+                    event_type or "customer.subscription.updated",
+                    after,
+                    previous_attributes=changed(before, after),
+                    delivered=delivered,
+                )
             return after
 
-    def cancel_subscription(self, subscription_id: str, *, at_period_end: bool = False, delivered: bool = True,
-                            at: int | None = None) -> JSON:
+    def cancel_subscription(
+        self, subscription_id: str, *, at_period_end: bool = False, delivered: bool = True, at: int | None = None
+    ) -> JSON:
         """Cancel now (`customer.subscription.deleted`, status `canceled`) or at the period end (an update)."""
         if at_period_end:
             return self.update_subscription(subscription_id, cancel_at_period_end=True, delivered=delivered)
@@ -449,74 +569,155 @@ class StripeFake(FakeServer):
             record.latest_invoice = invoice["id"]
             record.status = "active" if paid else "past_due"
             after = self.render_subscription(record)
-            self.add_event("customer.subscription.updated", after, previous_attributes=changed(before, after),
-                           delivered=delivered, created=moment)
-            self.add_event("invoice.paid" if paid else "invoice.payment_failed", invoice, delivered=delivered,
-                           created=moment)
+            self.add_event(
+                "customer.subscription.updated",
+                after,
+                previous_attributes=changed(before, after),
+                delivered=delivered,
+                created=moment,
+            )
+            self.add_event(
+                "invoice.paid" if paid else "invoice.payment_failed", invoice, delivered=delivered, created=moment
+            )
             return after
 
-    def _make_invoice(self, record: _Subscription, billing_reason: str, *, paid: bool,
-                      created: int | None = None) -> JSON:
+    def _make_invoice(
+        self, record: _Subscription, billing_reason: str, *, paid: bool, created: int | None = None
+    ) -> JSON:
         price = self.prices[record.price]
         created = record.created if created is None else created
         amount = price.unit_amount * record.quantity
         invoice_id = self.new_id("in")
         invoice: JSON = {
-            "id": invoice_id, "object": "invoice", "account_country": "US", "account_name": "Fake Co",
-            "amount_due": amount, "amount_overpaid": 0, "amount_paid": amount if paid else 0,
-            "amount_remaining": 0 if paid else amount, "amount_shipping": 0, "application": None,
-            "attempt_count": 1, "attempted": True, "auto_advance": not paid,
+            "id": invoice_id,
+            "object": "invoice",
+            "account_country": "US",
+            "account_name": "Fake Co",
+            "amount_due": amount,
+            "amount_overpaid": 0,
+            "amount_paid": amount if paid else 0,
+            "amount_remaining": 0 if paid else amount,
+            "amount_shipping": 0,
+            "application": None,
+            "attempt_count": 1,
+            "attempted": True,
+            "auto_advance": not paid,
             "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None, "status": None},
-            "billing_reason": billing_reason, "collection_method": "charge_automatically", "created": created,
-            "currency": price.currency, "customer": record.customer, "customer_email": None, "customer_name": None,
-            "default_payment_method": None, "description": None, "discounts": [], "due_date": None,
-            "effective_at": created, "ending_balance": 0, "hosted_invoice_url": None, "invoice_pdf": None,
-            "issuer": {"type": "self"}, "last_finalization_error": None, "livemode": False, "metadata": {},
+            "billing_reason": billing_reason,
+            "collection_method": "charge_automatically",
+            "created": created,
+            "currency": price.currency,
+            "customer": record.customer,
+            "customer_email": None,
+            "customer_name": None,
+            "default_payment_method": None,
+            "description": None,
+            "discounts": [],
+            "due_date": None,
+            "effective_at": created,
+            "ending_balance": 0,
+            "hosted_invoice_url": None,
+            "invoice_pdf": None,
+            "issuer": {"type": "self"},
+            "last_finalization_error": None,
+            "livemode": False,
+            "metadata": {},
             "lines": {
-                "object": "list", "has_more": False, "total_count": 1, "url": f"/v1/invoices/{invoice_id}/lines",
-                "data": [{
-                    "id": self.new_id("il"), "object": "line_item", "amount": amount, "currency": price.currency,
-                    "description": f"{record.quantity} x {price.product}", "discount_amounts": [],
-                    "discountable": True, "discounts": [], "invoice": invoice_id, "livemode": False,
-                    "metadata": {},
-                    "parent": {
-                        "type": "subscription_item_details", "invoice_item_details": None,
-                        "subscription_item_details": {
-                            "invoice_item": None, "proration": False, "proration_details": {"credited_items": None},
-                            "subscription": record.id, "subscription_item": record.item_id,
+                "object": "list",
+                "has_more": False,
+                "total_count": 1,
+                "url": f"/v1/invoices/{invoice_id}/lines",
+                "data": [
+                    {
+                        "id": self.new_id("il"),
+                        "object": "line_item",
+                        "amount": amount,
+                        "currency": price.currency,
+                        "description": f"{record.quantity} x {price.product}",
+                        "discount_amounts": [],
+                        "discountable": True,
+                        "discounts": [],
+                        "invoice": invoice_id,
+                        "livemode": False,
+                        "metadata": {},
+                        "parent": {
+                            "type": "subscription_item_details",
+                            "invoice_item_details": None,
+                            "subscription_item_details": {
+                                "invoice_item": None,
+                                "proration": False,
+                                "proration_details": {"credited_items": None},
+                                "subscription": record.id,
+                                "subscription_item": record.item_id,
+                            },
                         },
-                    },
-                    "period": {"start": record.period_start, "end": record.period_end},
-                    "pretax_credit_amounts": [],
-                    "pricing": {"type": "price_details", "unit_amount_decimal": str(price.unit_amount),
-                                "price_details": {"price": price.id, "product": price.product}},
-                    "quantity": record.quantity, "taxes": [],
-                }],
+                        "period": {"start": record.period_start, "end": record.period_end},
+                        "pretax_credit_amounts": [],
+                        "pricing": {
+                            "type": "price_details",
+                            "unit_amount_decimal": str(price.unit_amount),
+                            "price_details": {"price": price.id, "product": price.product},
+                        },
+                        "quantity": record.quantity,
+                        "taxes": [],
+                    }
+                ],
             },
-            "next_payment_attempt": None, "number": None, "on_behalf_of": None,
-            "parent": {"type": "subscription_details", "quote_details": None,
-                       "subscription_details": {"metadata": dict(record.metadata), "subscription": record.id}},
-            "period_end": created, "period_start": created, "status": "paid" if paid else "open",
-            "status_transitions": {"finalized_at": created, "marked_uncollectible_at": None,
-                                   "paid_at": created if paid else None, "voided_at": None},
-            "subtotal": amount, "subtotal_excluding_tax": amount, "test_clock": None, "total": amount,
-            "total_discount_amounts": [], "total_excluding_tax": amount, "total_pretax_credit_amounts": [],
-            "total_taxes": [], "webhooks_delivered_at": created,
+            "next_payment_attempt": None,
+            "number": None,
+            "on_behalf_of": None,
+            "parent": {
+                "type": "subscription_details",
+                "quote_details": None,
+                "subscription_details": {"metadata": dict(record.metadata), "subscription": record.id},
+            },
+            "period_end": created,
+            "period_start": created,
+            "status": "paid" if paid else "open",
+            "status_transitions": {
+                "finalized_at": created,
+                "marked_uncollectible_at": None,
+                "paid_at": created if paid else None,
+                "voided_at": None,
+            },
+            "subtotal": amount,
+            "subtotal_excluding_tax": amount,
+            "test_clock": None,
+            "total": amount,
+            "total_discount_amounts": [],
+            "total_excluding_tax": amount,
+            "total_pretax_credit_amounts": [],
+            "total_taxes": [],
+            "webhooks_delivered_at": created,
         }
         self.invoices[invoice_id] = invoice
         return invoice
 
     # -- seeding: events -------------------------------------------------------------------------
 
-    def add_event(self, event_type: str, data_object: JSON, *, previous_attributes: JSON | None = None,
-                  delivered: bool = True, created: int | None = None, event_id: str | None = None) -> JSON:
+    def add_event(
+        self,
+        event_type: str,
+        data_object: JSON,
+        *,
+        previous_attributes: JSON | None = None,
+        delivered: bool = True,
+        created: int | None = None,
+        event_id: str | None = None,
+    ) -> JSON:
         """A snapshot event; `delivered=False` makes it one `delivery_success=false` returns."""
         data: JSON = {"object": data_object}
         if previous_attributes is not None:
             data["previous_attributes"] = previous_attributes
         with self.lock:
-            record = _Event(event_id or self.new_id("evt"), event_type, self.now() if created is None else created,
-                            delivered, self.api_version, json.dumps(data))
+            record = _Event(
+                event_id or self.new_id("evt"),
+                event_type,
+                self.now() if created is None else created,
+                delivered,
+                self.api_version,
+                json.dumps(data),
+            )
             if record.id in self.events:
                 raise ValueError(f"event {record.id} exists")
             self._ids.add(record.id)
@@ -541,16 +742,28 @@ class StripeFake(FakeServer):
         with self.lock:
             return self.events[event_id].render()
 
-    def add_thin_event(self, event_type: str, related_object: JSON | None = None, *, data: JSON | None = None,
-                       created: int | None = None, event_id: str | None = None) -> JSON:
+    def add_thin_event(
+        self,
+        event_type: str,
+        related_object: JSON | None = None,
+        *,
+        data: JSON | None = None,
+        created: int | None = None,
+        event_id: str | None = None,
+    ) -> JSON:
         """A v2 thin event, served at `GET /v2/core/events/{id}`; `related_object` is `{id, type, url}`."""
         with self.lock:
             event_id = event_id or self.new_id("evt")
             moment = datetime.fromtimestamp(self.now() if created is None else created, UTC)
             event: JSON = {
-                "id": event_id, "object": "v2.core.event", "type": event_type,
+                "id": event_id,
+                "object": "v2.core.event",
+                "type": event_type,
                 "created": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
-                "livemode": False, "context": None, "reason": None, "changes": None,
+                "livemode": False,
+                "context": None,
+                "reason": None,
+                "changes": None,
             }
             if related_object is not None:
                 event["related_object"] = dict(related_object)
@@ -568,27 +781,65 @@ class StripeFake(FakeServer):
 
     def render_price(self, price: _Price) -> JSON:
         return {
-            "id": price.id, "object": "price", "active": True, "billing_scheme": "per_unit", "created": price.created,
-            "currency": price.currency, "custom_unit_amount": None, "livemode": False, "lookup_key": price.lookup_key,
-            "metadata": dict(price.metadata), "nickname": None, "product": price.product,
-            "recurring": {"interval": price.interval, "interval_count": price.interval_count, "meter": None,
-                          "trial_period_days": None, "usage_type": "licensed"},
-            "tax_behavior": "unspecified", "tiers_mode": None, "transform_quantity": None, "type": "recurring",
-            "unit_amount": price.unit_amount, "unit_amount_decimal": str(price.unit_amount),
+            "id": price.id,
+            "object": "price",
+            "active": True,
+            "billing_scheme": "per_unit",
+            "created": price.created,
+            "currency": price.currency,
+            "custom_unit_amount": None,
+            "livemode": False,
+            "lookup_key": price.lookup_key,
+            "metadata": dict(price.metadata),
+            "nickname": None,
+            "product": price.product,
+            "recurring": {
+                "interval": price.interval,
+                "interval_count": price.interval_count,
+                "meter": None,
+                "trial_period_days": None,
+                "usage_type": "licensed",
+            },
+            "tax_behavior": "unspecified",
+            "tiers_mode": None,
+            "transform_quantity": None,
+            "type": "recurring",
+            "unit_amount": price.unit_amount,
+            "unit_amount_decimal": str(price.unit_amount),
         }
 
     def render_customer(self, customer: _Customer) -> JSON:
         if customer.deleted:
             return {"id": customer.id, "object": "customer", "deleted": True}
         return {
-            "id": customer.id, "object": "customer", "address": None, "balance": 0, "created": customer.created,
-            "currency": "usd", "customer_account": None, "default_source": None, "delinquent": False,
-            "description": None, "discount": None, "email": customer.email, "invoice_prefix": "FAKE0001",
-            "invoice_settings": {"custom_fields": None, "default_payment_method": None, "footer": None,
-                                 "rendering_options": None},
-            "livemode": False, "metadata": dict(customer.metadata), "name": customer.name,
-            "next_invoice_sequence": 2, "phone": None, "preferred_locales": [], "shipping": None,
-            "tax_exempt": "none", "test_clock": None,
+            "id": customer.id,
+            "object": "customer",
+            "address": None,
+            "balance": 0,
+            "created": customer.created,
+            "currency": "usd",
+            "customer_account": None,
+            "default_source": None,
+            "delinquent": False,
+            "description": None,
+            "discount": None,
+            "email": customer.email,
+            "invoice_prefix": "FAKE0001",
+            "invoice_settings": {
+                "custom_fields": None,
+                "default_payment_method": None,
+                "footer": None,
+                "rendering_options": None,
+            },
+            "livemode": False,
+            "metadata": dict(customer.metadata),
+            "name": customer.name,
+            "next_invoice_sequence": 2,
+            "phone": None,
+            "preferred_locales": [],
+            "shipping": None,
+            "tax_exempt": "none",
+            "test_clock": None,
         }
 
     def render_subscription(self, record: _Subscription) -> JSON:
@@ -596,41 +847,95 @@ class StripeFake(FakeServer):
         price = self.prices[record.price]
         rendered_price = self.render_price(price)
         plan = {
-            "id": price.id, "object": "plan", "active": True, "amount": price.unit_amount,
-            "amount_decimal": str(price.unit_amount), "billing_scheme": "per_unit", "created": price.created,
-            "currency": price.currency, "interval": price.interval, "interval_count": price.interval_count,
-            "livemode": False, "metadata": dict(price.metadata), "meter": None, "nickname": None,
-            "product": price.product, "tiers_mode": None, "transform_usage": None, "trial_period_days": None,
+            "id": price.id,
+            "object": "plan",
+            "active": True,
+            "amount": price.unit_amount,
+            "amount_decimal": str(price.unit_amount),
+            "billing_scheme": "per_unit",
+            "created": price.created,
+            "currency": price.currency,
+            "interval": price.interval,
+            "interval_count": price.interval_count,
+            "livemode": False,
+            "metadata": dict(price.metadata),
+            "meter": None,
+            "nickname": None,
+            "product": price.product,
+            "tiers_mode": None,
+            "transform_usage": None,
+            "trial_period_days": None,
             "usage_type": "licensed",
         }
         item: JSON = {
-            "id": record.item_id, "object": "subscription_item", "billing_thresholds": None,
-            "created": record.created, "current_period_end": record.period_end,
-            "current_period_start": record.period_start, "discounts": [], "metadata": {}, "plan": plan,
-            "price": rendered_price, "quantity": record.quantity, "subscription": record.id, "tax_rates": [],
+            "id": record.item_id,
+            "object": "subscription_item",
+            "billing_thresholds": None,
+            "created": record.created,
+            "current_period_end": record.period_end,
+            "current_period_start": record.period_start,
+            "discounts": [],
+            "metadata": {},
+            "plan": plan,
+            "price": rendered_price,
+            "quantity": record.quantity,
+            "subscription": record.id,
+            "tax_rates": [],
         }
         return {
-            "id": record.id, "object": "subscription", "application": None, "application_fee_percent": None,
+            "id": record.id,
+            "object": "subscription",
+            "application": None,
+            "application_fee_percent": None,
             "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
-            "billing_cycle_anchor": record.created, "billing_cycle_anchor_config": None,
-            "billing_mode": {"flexible": None, "type": "classic"}, "billing_thresholds": None,
-            "cancel_at": record.cancel_at, "cancel_at_period_end": record.cancel_at_period_end,
+            "billing_cycle_anchor": record.created,
+            "billing_cycle_anchor_config": None,
+            "billing_mode": {"flexible": None, "type": "classic"},
+            "billing_thresholds": None,
+            "cancel_at": record.cancel_at,
+            "cancel_at_period_end": record.cancel_at_period_end,
             "canceled_at": record.canceled_at,
             "cancellation_details": {"comment": None, "feedback": None, "reason": record.cancellation_reason},
-            "collection_method": "charge_automatically", "created": record.created, "currency": price.currency,
-            "customer": record.customer, "customer_account": None, "days_until_due": None,
-            "default_payment_method": None, "default_source": None, "default_tax_rates": [], "description": None,
-            "discounts": [], "ended_at": record.ended_at,
+            "collection_method": "charge_automatically",
+            "created": record.created,
+            "currency": price.currency,
+            "customer": record.customer,
+            "customer_account": None,
+            "days_until_due": None,
+            "default_payment_method": None,
+            "default_source": None,
+            "default_tax_rates": [],
+            "description": None,
+            "discounts": [],
+            "ended_at": record.ended_at,
             "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
-            "items": {"object": "list", "data": [item], "has_more": False, "total_count": 1,
-                      "url": f"/v1/subscription_items?subscription={record.id}"},
-            "latest_invoice": record.latest_invoice, "livemode": False, "metadata": dict(record.metadata),
-            "next_pending_invoice_item_invoice": None, "on_behalf_of": None, "pause_collection": None,
-            "payment_settings": {"payment_method_options": None, "payment_method_types": None,
-                                 "save_default_payment_method": "off"},
-            "pending_invoice_item_interval": None, "pending_setup_intent": None, "pending_update": None,
-            "schedule": None, "start_date": record.created, "status": record.status, "test_clock": None,
-            "transfer_data": None, "trial_end": record.trial_end,
+            "items": {
+                "object": "list",
+                "data": [item],
+                "has_more": False,
+                "total_count": 1,
+                "url": f"/v1/subscription_items?subscription={record.id}",
+            },
+            "latest_invoice": record.latest_invoice,
+            "livemode": False,
+            "metadata": dict(record.metadata),
+            "next_pending_invoice_item_invoice": None,
+            "on_behalf_of": None,
+            "pause_collection": None,
+            "payment_settings": {
+                "payment_method_options": None,
+                "payment_method_types": None,
+                "save_default_payment_method": "off",
+            },
+            "pending_invoice_item_interval": None,
+            "pending_setup_intent": None,
+            "pending_update": None,
+            "schedule": None,
+            "start_date": record.created,
+            "status": record.status,
+            "test_clock": None,
+            "transfer_data": None,
+            "trial_end": record.trial_end,
             "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
             "trial_start": record.trial_start,
         }
@@ -640,9 +945,12 @@ class StripeFake(FakeServer):
     def authenticate(self, request: Request) -> Response | None:
         header = request.header("authorization") or ""
         if not header.startswith("Bearer "):
-            return self.error(401, "You did not provide an API key. You need to provide your API key in the "
-                                   "Authorization header, using Bearer auth "
-                                   "(e.g. 'Authorization: Bearer YOUR_SECRET_KEY').")
+            return self.error(
+                401,
+                "You did not provide an API key. You need to provide your API key in the "
+                "Authorization header, using Bearer auth "
+                "(e.g. 'Authorization: Bearer YOUR_SECRET_KEY').",
+            )
         key = header.removeprefix("Bearer ").strip()
         if (self.api_key is not None and key != self.api_key) or not key.startswith(("sk_", "rk_")):
             return self.error(401, f"Invalid API Key provided: {key[:8]}{'*' * max(len(key) - 12, 0)}{key[-4:]}")
@@ -660,16 +968,20 @@ class StripeFake(FakeServer):
 
     def fault_response(self, status: int) -> Response:
         if status == 429:
-            return self.error(429, "Request rate limit exceeded. Learn more about rate limits here "
-                                   "https://stripe.com/docs/rate-limits.", code="rate_limit")
+            return self.error(
+                429,
+                "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+                code="rate_limit",
+            )
         if status >= 500:
             return self.error(status, "An unknown error occurred. Please try again later.")
         return self.error(status, f"Injected HTTP {status}")
 
     def route(self, request: Request) -> Response:
         if request.method != "GET":
-            return self.error(404, f"Unrecognized request URL ({request.method}: {request.path}). The fake "
-                                   "serves GET only.")
+            return self.error(
+                404, f"Unrecognized request URL ({request.method}: {request.path}). The fake serves GET only."
+            )
         params = stripe_params(request.query)
         path = request.path
         if path == "/v1/subscriptions":
@@ -712,21 +1024,52 @@ class StripeFake(FakeServer):
             if thin is None:
                 raise abort(self.error(404, f"No such event: '{parts[3]}'", code="resource_missing"))
             return Response(200, thin)
-        return self.error(404, f"Unrecognized request URL (GET: {path}). Please see https://stripe.com/docs "
-                               "or we can help at https://support.stripe.com/.")
+        return self.error(
+            404,
+            f"Unrecognized request URL (GET: {path}). Please see https://stripe.com/docs "
+            "or we can help at https://support.stripe.com/.",
+        )
 
     def _list_subscriptions(self, params: JSON) -> Response:
-        self._allow(params, {"automatic_tax", "collection_method", "created", "current_period_end",
-                             "current_period_start", "customer", "customer_account", "ending_before", "expand",
-                             "limit", "plan", "price", "starting_after", "status", "test_clock"})
-        for unsupported in ("automatic_tax", "collection_method", "current_period_end", "current_period_start",
-                            "customer_account", "test_clock"):
+        self._allow(
+            params,
+            {
+                "automatic_tax",
+                "collection_method",
+                "created",
+                "current_period_end",
+                "current_period_start",
+                "customer",
+                "customer_account",
+                "ending_before",
+                "expand",
+                "limit",
+                "plan",
+                "price",
+                "starting_after",
+                "status",
+                "test_clock",
+            },
+        )
+        for unsupported in (
+            "automatic_tax",
+            "collection_method",
+            "current_period_end",
+            "current_period_start",
+            "customer_account",
+            "test_clock",
+        ):
             if unsupported in params:
                 raise abort(self.error(400, f"The fake does not implement the {unsupported} filter", param=unsupported))
         status = params.get("status")
         if status is not None and status not in (*SUBSCRIPTION_STATUSES, "all", "ended"):
-            raise abort(self.error(400, f"Invalid status: must be one of {', '.join(SUBSCRIPTION_STATUSES)}, "
-                                        "all or ended", param="status"))
+            raise abort(
+                self.error(
+                    400,
+                    f"Invalid status: must be one of {', '.join(SUBSCRIPTION_STATUSES)}, all or ended",
+                    param="status",
+                )
+            )
         customer = params.get("customer")
         price = params.get("price") or params.get("plan")
 
@@ -747,8 +1090,10 @@ class StripeFake(FakeServer):
         return Response(200, {"object": "list", "data": data, "has_more": has_more, "url": "/v1/subscriptions"})
 
     def _list_events(self, params: JSON) -> Response:
-        self._allow(params, {"created", "delivery_success", "ending_before", "expand", "limit", "starting_after",
-                             "type", "types"})
+        self._allow(
+            params,
+            {"created", "delivery_success", "ending_before", "expand", "limit", "starting_after", "type", "types"},
+        )
         if "type" in params and "types" in params:
             raise abort(self.error(400, "You may pass either `type` or `types`, but not both.", param="types"))
         delivery = params.get("delivery_success")
@@ -767,14 +1112,27 @@ class StripeFake(FakeServer):
                 return False
             return type_re is None or bool(type_re.match(event.type))
 
-        events, has_more = self._page(self._event_order, params, match, "event",
-                                      not_before=self.now() - EVENT_RETENTION_SECONDS)
-        body = ('{"object": "list", "data": [' + ", ".join(event.render() for event in events) + '], "has_more": '
-                + json.dumps(has_more) + ', "url": "/v1/events"}')
+        events, has_more = self._page(
+            self._event_order, params, match, "event", not_before=self.now() - EVENT_RETENTION_SECONDS
+        )
+        body = (
+            '{"object": "list", "data": ['
+            + ", ".join(event.render() for event in events)
+            + '], "has_more": '
+            + json.dumps(has_more)
+            + ', "url": "/v1/events"}'
+        )
         return Response(200, body)
 
-    def _page(self, timeline: _Timeline[T], params: JSON, match: Callable[[T], bool], noun: str, *,
-              not_before: int | None = None) -> tuple[list[T], bool]:
+    def _page(
+        self,
+        timeline: _Timeline[T],
+        params: JSON,
+        match: Callable[[T], bool],
+        noun: str,
+        *,
+        not_before: int | None = None,
+    ) -> tuple[list[T], bool]:
         limit = self._limit(params.get("limit"))
         lo, hi = timeline.window(self._created(params.get("created")), not_before)
         cursors: dict[str, int | None] = {}
@@ -786,8 +1144,14 @@ class StripeFake(FakeServer):
             if at is None:
                 raise abort(self.error(400, f"No such {noun}: '{object_id}'", code="resource_missing", param=name))
             cursors[name] = at
-        return timeline.page(lo, hi, limit, match, starting_after=cursors.get("starting_after"),
-                             ending_before=cursors.get("ending_before"))
+        return timeline.page(
+            lo,
+            hi,
+            limit,
+            match,
+            starting_after=cursors.get("starting_after"),
+            ending_before=cursors.get("ending_before"),
+        )
 
     def _limit(self, raw: Any) -> int:
         if raw is None:
@@ -809,8 +1173,9 @@ class StripeFake(FakeServer):
             if isinstance(raw, dict):
                 unknown = set(raw) - {"gt", "gte", "lt", "lte"}
                 if unknown:
-                    raise abort(self.error(400, f"Received unknown parameter: created[{min(unknown)}]",
-                                           param="created"))
+                    raise abort(
+                        self.error(400, f"Received unknown parameter: created[{min(unknown)}]", param="created")
+                    )
                 return {key: int(value) for key, value in raw.items()}
             exact = int(raw)
         except (TypeError, ValueError):
@@ -897,8 +1262,18 @@ def _expansions(params: JSON, is_list: bool) -> list[str]:
     result = []
     for path in paths:
         if not path.startswith("data."):
-            raise abort(Response(400, {"error": {"type": "invalid_request_error", "param": "expand",
-                                                 "message": f"This property cannot be expanded ({path})."}}))
+            raise abort(
+                Response(
+                    400,
+                    {
+                        "error": {
+                            "type": "invalid_request_error",
+                            "param": "expand",
+                            "message": f"This property cannot be expanded ({path}).",
+                        }
+                    },
+                )
+            )
         result.append(path.removeprefix("data."))
     return result
 
@@ -922,4 +1297,3 @@ def add_interval(moment: int, interval: str, count: int = 1) -> int:
 def changed(before: JSON, after: JSON) -> JSON:
     """`previous_attributes` as Stripe sends it: the top-level fields that changed, with their old values."""
     return {key: value for key, value in before.items() if after.get(key) != value}
-

@@ -35,12 +35,19 @@ def _check_headers(headers: Mapping[str, str], tolerance: int, now: float) -> tu
     if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
         raise SignatureUnreadable(code="malformed_signature", message="webhook-timestamp must be unix seconds")
     if abs(now - int(timestamp)) > tolerance:
-        raise SignatureRejected(code="stale_signature", message=f"webhook-timestamp is more than {tolerance} s from now")
+        raise SignatureRejected(
+            code="stale_signature", message=f"webhook-timestamp is more than {tolerance} s from now"
+        )
     return webhook_id, timestamp, signature
 
 
 def verify_dodo_signature(
-    body: bytes, headers: Mapping[str, str], keys: tuple[str, ...], *, tolerance: int = 300, now: float | None = None,
+    body: bytes,
+    headers: Mapping[str, str],
+    keys: tuple[str, ...],
+    *,
+    tolerance: int = 300,
+    now: float | None = None,
 ) -> str:
     """Return the webhook-id (the dedupe key) when one of the keys signed `body`; raise a signature error otherwise."""
     webhook_id, timestamp, signature = _check_headers(headers, tolerance, time.time() if now is None else now)
@@ -59,7 +66,9 @@ def verify_dodo_signature(
         except (binascii.Error, UnicodeEncodeError):
             continue
     if not usable:
-        raise SignatureUnreadable(code="malformed_signature", message="webhook-signature has no well-formed 'v1,<base64>' entry")
+        raise SignatureUnreadable(
+            code="malformed_signature", message="webhook-signature has no well-formed 'v1,<base64>' entry"
+        )
     signed_at = datetime.fromtimestamp(int(timestamp), UTC)
     text = body.decode("utf-8")
     for key in keys:

@@ -38,12 +38,16 @@ def verify_stripe_signature(
     try:
         timestamp, signatures = _parse_header(header)
     except ValueError:
-        raise SignatureUnreadable(code="malformed_signature", message="the Stripe-Signature header cannot be parsed") from None
+        raise SignatureUnreadable(
+            code="malformed_signature", message="the Stripe-Signature header cannot be parsed"
+        ) from None
     if not signatures:
         raise SignatureUnreadable(code="malformed_signature", message="the Stripe-Signature header has no v1 signature")
     now = time.time() if now is None else now
     if abs(now - timestamp) > tolerance:
-        raise SignatureRejected(code="stale_signature", message=f"the signature timestamp is more than {tolerance} s from now")
+        raise SignatureRejected(
+            code="stale_signature", message=f"the signature timestamp is more than {tolerance} s from now"
+        )
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
