@@ -352,7 +352,7 @@ def test_a_new_token_works_within_a_second_even_after_being_refused(db, http):
 
 def test_read_connections_are_bounded_reused_replaced_and_closed_on_dispose(db):
     async def run() -> None:
-        adb = AsyncDatabase(get_settings().database_url, pool_size=4)
+        adb = AsyncDatabase(get_settings().database_url, pool_size=6)
         lender = ReadConnections(adb.engine)
         assert lender.size == 2
         running, peak, seen = 0, 0, set()

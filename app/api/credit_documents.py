@@ -95,6 +95,10 @@ DRIVER_OUTAGES: tuple[type[BaseException], ...] = (
 """Errors of the drivers themselves (not wrapped by SQLAlchemy) that mean "the database is unreachable"."""
 
 
+RESERVED_CONNECTIONS = 4
+"""Connections of the async pool never lent to one-row reads (see `ReadConnections`)."""
+
+
 class ReadConnections:
     """A few connections of the async engine's pool, kept checked out for `OneRowRead` and lent without SQLAlchemy.
 
@@ -105,7 +109,11 @@ class ReadConnections:
     while fewer than `size` exist, or waits for one to come back (handed over directly, first come
     first served): no greenlet, no pool events, no connection opened and closed per request.
 
-    - At most `size` (half the pool): the rest of the pool stays for writes and other reads.
+    - At most `size`: the pool less `RESERVED_CONNECTIONS`, which stay for the other users of the
+      async engine (the group-commit writers, token lookups, Core reads). Reads past `size` wait for
+      one: bench/reads.py and bench/run.py P3 measured 10, 16 and 20 of a pool of 20; the read rate
+      at -c32 grew with the number (a read waits on PostgreSQL more than it works), and a pool fully
+      lent would leave the others only overflow connections, opened and closed per use.
     - A connection whose statement failed is invalidated (closed); its place is free for a new one.
     - Disposing of the engine (the app's shutdown) closes them: the lent ones when they come back.
     """
@@ -113,7 +121,7 @@ class ReadConnections:
     def __init__(self, engine: AsyncEngine) -> None:
         pool_size = getattr(engine.sync_engine.pool, "size", None)
         self.engine = engine  # not the AsyncDatabase: the registry below must not keep its key alive
-        self.size = max(1, (pool_size() if callable(pool_size) else 20) // 2)
+        self.size = max(1, (pool_size() if callable(pool_size) else 20) - RESERVED_CONNECTIONS)
         self.count = 0  # connections checked out of the pool: idle, lent, or being opened
         self._idle: list[PoolProxiedConnection] = []
         self._waiters: collections.deque[asyncio.Future[PoolProxiedConnection | None]] = collections.deque()
