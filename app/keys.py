@@ -9,9 +9,9 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
-from app.db import Database
+from app.db import AsyncDatabase, Database, table_of
 from app.models import ApiKey
 
 TOKEN_PREFIX = "tly_"
@@ -42,3 +42,16 @@ def find_key(db: Database, token_hash: str) -> KeyScope | None:
             select(ApiKey).where(ApiKey.token_hash == token_hash, ApiKey.revoked_at.is_(None))
         ).scalar_one_or_none()
         return None if key is None else KeyScope(key.scope, key.customer_id)
+
+
+_api_keys = table_of(ApiKey)
+_FIND_KEY = select(_api_keys.c.scope, _api_keys.c.customer_id).where(
+    _api_keys.c.token_hash == bindparam("token_hash"), _api_keys.c.revoked_at.is_(None)
+)
+
+
+async def find_key_async(adb: AsyncDatabase, token_hash: str) -> KeyScope | None:
+    """`find_key` on the event loop: two columns by the unique hash, no ORM object."""
+    async with adb.read() as connection:
+        row = (await connection.execute(_FIND_KEY, {"token_hash": token_hash})).first()
+    return None if row is None else KeyScope(row.scope, row.customer_id)

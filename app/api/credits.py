@@ -1,19 +1,17 @@
 """Thin handlers of the credit endpoints: authenticate, check the customer, call a read model.
 
+All on the event loop: no thread hop, the reads run on the async engine.
+
 Dodo-shaped (seeds 000 and 003, and the balance ledger) and OpenRouter-shaped `/credits` (seed 004).
 Read models live in `app.api.credit_documents`.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app.api.auth import Principal
 from app.api.credit_documents import (
     LedgerFilter,
     balance_document,
@@ -21,21 +19,11 @@ from app.api.credit_documents import (
     credits_document,
     find_balance,
     ledger_document,
+    subscription_customer,
 )
 from app.api.http import authenticate, services
 from app.api.pagination import page_from
 from app.api.params import instant_param
-from app.errors import NotFound
-from app.models import Customer, Subscription
-
-
-def _credit_usage(request: Request, principal: Principal, subscription_id: str) -> dict[str, Any]:
-    with services(request).db.read() as session:
-        subscription = session.get(Subscription, subscription_id)
-        if subscription is None:
-            raise NotFound(f"no subscription {subscription_id!r}")
-        principal.check_customer(subscription.customer_id)
-        return credit_usage_document(session, subscription)
 
 
 async def get_credit_usage(request: Request) -> JSONResponse:
@@ -49,23 +37,10 @@ async def get_credit_usage(request: Request) -> JSONResponse:
     """
     principal = await authenticate(request)
     subscription_id = request.path_params["subscription_id"]
-    return JSONResponse(await run_in_threadpool(_credit_usage, request, principal, subscription_id))
-
-
-def _balance(request: Request, entitlement_id: str, customer_id: str, page_request: bool) -> dict[str, Any]:
-    page = page_from(request.query_params) if page_request else None
-    filters = LedgerFilter(
-        request.query_params.get("transaction_type") or None,
-        instant_param(request.query_params, "start_date"),
-        instant_param(request.query_params, "end_date"),
-    )
-    with services(request).db.read() as session:
-        balance = find_balance(session, customer_id, entitlement_id)
-        if balance is None:
-            raise NotFound(f"no balance for customer {customer_id!r} in credit entitlement {entitlement_id!r}")
-        if page is None:
-            return balance_document(session, balance)
-        return ledger_document(session, balance, page, filters)
+    adb = services(request).adb
+    customer_id = await subscription_customer(adb, subscription_id)
+    principal.check_customer(customer_id)
+    return JSONResponse(await credit_usage_document(adb, subscription_id, customer_id))
 
 
 async def get_balance(request: Request) -> JSONResponse:
@@ -80,7 +55,7 @@ async def get_balance(request: Request) -> JSONResponse:
     principal = await authenticate(request)
     entitlement_id, customer_id = request.path_params["credit_entitlement_id"], request.path_params["customer_id"]
     principal.check_customer(customer_id)
-    return JSONResponse(await run_in_threadpool(_balance, request, entitlement_id, customer_id, False))
+    return JSONResponse(balance_document(await find_balance(services(request).adb, customer_id, entitlement_id)))
 
 
 async def get_balance_ledger(request: Request) -> JSONResponse:
@@ -96,14 +71,12 @@ async def get_balance_ledger(request: Request) -> JSONResponse:
     principal = await authenticate(request)
     entitlement_id, customer_id = request.path_params["credit_entitlement_id"], request.path_params["customer_id"]
     principal.check_customer(customer_id)
-    return JSONResponse(await run_in_threadpool(_balance, request, entitlement_id, customer_id, True))
-
-
-def _credits(request: Request, customer_id: str) -> dict[str, Any]:
-    with services(request).db.read() as session:
-        if session.get(Customer, customer_id) is None:
-            raise NotFound(f"no customer {customer_id!r}", code="customer_not_found")
-        return credits_document(session, customer_id)
+    params = request.query_params
+    page = page_from(params)
+    filters = LedgerFilter(
+        params.get("transaction_type") or None, instant_param(params, "start_date"), instant_param(params, "end_date")
+    )
+    return JSONResponse(await ledger_document(services(request).adb, customer_id, entitlement_id, page, filters))
 
 
 async def get_credits(request: Request) -> JSONResponse:
@@ -120,7 +93,7 @@ async def get_credits(request: Request) -> JSONResponse:
     """
     principal = await authenticate(request)
     customer_id = principal.customer_for(request.query_params.get("customer_id"))
-    return JSONResponse(await run_in_threadpool(_credits, request, customer_id))
+    return JSONResponse(await credits_document(services(request).adb, customer_id))
 
 
 routes = [

@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -51,9 +50,9 @@ def services(request: Request) -> Services:
 
 
 async def authenticate(request: Request) -> Principal:
-    """The caller's principal; a token stored in the database is looked up off the event loop."""
-    authenticator = services(request).authenticator
-    return await run_in_threadpool(authenticator.authenticate, request.headers.get("authorization"))
+    """The caller's principal, on the event loop: stored tokens come from a cache refreshed on the async engine."""
+    app = services(request)
+    return await app.authenticator.authenticate(request.headers.get("authorization"), app.adb)
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from app.api.http import authenticate, services
-from app.api.usage_document import usage_document
-from app.errors import NotFound
-from app.models import Customer
-
-
-def _usage(request: Request, customer_id: str) -> dict[str, Any]:
-    app = services(request)
-    with app.db.read() as session:
-        if session.get(Customer, customer_id) is None:
-            raise NotFound(f"no customer {customer_id!r}", code="customer_not_found")
-        return usage_document(
-            session, customer_id, now=app.clock(), approaching_ratio=app.settings.approaching_limit_ratio
-        )
+from app.api.usage_document import read_usage, usage_document
 
 
 async def get_usage(request: Request) -> JSONResponse:
@@ -39,7 +24,9 @@ async def get_usage(request: Request) -> JSONResponse:
     """
     principal = await authenticate(request)
     customer_id = principal.customer_for(request.query_params.get("customer_id"))
-    return JSONResponse(await run_in_threadpool(_usage, request, customer_id))
+    app = services(request)
+    row = await read_usage(app.adb, customer_id)
+    return JSONResponse(usage_document(row, now=app.clock(), approaching_ratio=app.settings.approaching_limit_ratio))
 
 
 routes = [Route("/usage", get_usage, methods=["GET"])]

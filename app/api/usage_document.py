@@ -1,4 +1,8 @@
-"""`GET /usage` (seed 002): where a customer stands in its current billing period, from the database alone."""
+"""`GET /usage` (seed 002): where a customer stands in its current billing period, from the database alone.
+
+One statement answers it (`USAGE`): the customer, the subscription that speaks for it, that
+subscription's newest balance and the balance's entitlement, run on the event loop by `OneRowRead`.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,93 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, case, literal_column, select
 
-from app.billing.subscriptions import LIVE_STATUSES, current_subscription
+from app.api.credit_documents import OneRowRead, RowLike, balances, customers, entitlements, subscriptions
+from app.billing.subscriptions import LIVE_STATUSES
+from app.db import AsyncDatabase
+from app.errors import NotFound
 from app.ledger.amounts import from_atoms, json_number
 from app.ledger.limits import period_limit_reached
-from app.models import Balance, CreditEntitlement, Subscription
 from app.times import render_instant, render_optional
 
 MIN_ELAPSED_FOR_PROJECTION = Decimal("0.01")
 """Below 1 % of a period there is no pace worth projecting from: `projected_used` is null."""
+
+
+def _current_subscription_id() -> Any:
+    """The subscription that speaks for the customer: the newest live one, else the newest of any.
+
+    `app.billing.subscriptions.current_subscription`'s rule as a subquery: live ones first, then by
+    period start (newest first, none last), then by creation. It reads the customer from the
+    parameter, not from the outer row, so PostgreSQL runs it once (an InitPlan) and every join below
+    is a primary-key lookup. The statuses are constants, inlined so there is no expanding parameter.
+    """
+    candidate = subscriptions.alias("candidate")
+    live = candidate.c.status.in_([literal_column(f"'{status}'") for status in sorted(LIVE_STATUSES)])
+    return (
+        select(candidate.c.id)
+        .where(candidate.c.customer_id == bindparam("customer_id"))
+        .order_by(
+            case((live, 0), else_=1),
+            candidate.c.current_period_start.desc().nulls_last(),
+            candidate.c.created_at.desc(),
+        )
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _newest_balance_id(subscription_id: Any) -> Any:
+    """The balance of that subscription's newest period (as `GET /usage` always read it)."""
+    candidate = balances.alias("candidate_balance")
+    return (
+        select(candidate.c.id)
+        .where(candidate.c.customer_id == bindparam("customer_id"), candidate.c.subscription_id == subscription_id)
+        .order_by(candidate.c.period_start.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+USAGE = OneRowRead(
+    select(
+        customers.c.id.label("customer_id"),
+        subscriptions.c.id.label("subscription_id"),
+        subscriptions.c.status.label("status"),
+        subscriptions.c.plan_key.label("plan_key"),
+        subscriptions.c.price_id.label("price_id"),
+        subscriptions.c.product_id.label("product_id"),
+        subscriptions.c.cancel_at_period_end.label("cancel_at_period_end"),
+        subscriptions.c.canceled_at.label("canceled_at"),
+        subscriptions.c.current_period_start.label("subscription_start"),
+        subscriptions.c.current_period_end.label("subscription_end"),
+        balances.c.id.label("balance_id"),
+        balances.c.period_included.label("period_included"),
+        balances.c.period_used.label("period_used"),
+        balances.c.hard_cap.label("hard_cap"),
+        balances.c.overage_enabled.label("overage_enabled"),
+        balances.c.period_start.label("period_start"),
+        balances.c.period_end.label("period_end"),
+        entitlements.c.id.label("entitlement_id"),
+        entitlements.c.precision.label("precision"),
+        entitlements.c.unit.label("unit"),
+    )
+    .select_from(customers)
+    .outerjoin(subscriptions, subscriptions.c.id == _current_subscription_id())
+    .outerjoin(balances, balances.c.id == _newest_balance_id(_current_subscription_id()))
+    .outerjoin(entitlements, entitlements.c.id == balances.c.entitlement_id)
+    .where(customers.c.id == bindparam("customer_id"))
+)
+"""Everything seed 002 needs, in one statement; no row means no such customer."""
+
+
+async def read_usage(adb: AsyncDatabase, customer_id: str) -> dict[str, Any]:
+    """The `USAGE` row of a customer; 404 for an unknown customer."""
+    row = await USAGE.fetch(adb, customer_id=customer_id)
+    if row is None:
+        raise NotFound(f"no customer {customer_id!r}", code="customer_not_found")
+    return row
 
 
 def _period(start: datetime | None, end: datetime | None, now: datetime) -> tuple[dict[str, Any] | None, Decimal]:
@@ -35,45 +115,32 @@ def _period(start: datetime | None, end: datetime | None, now: datetime) -> tupl
     }, fraction
 
 
-def _balance_for(session: Session, subscription: Subscription) -> tuple[Balance | None, CreditEntitlement | None]:
-    row = session.execute(
-        select(Balance, CreditEntitlement)
-        .join(CreditEntitlement, CreditEntitlement.id == Balance.entitlement_id)
-        .where(Balance.customer_id == subscription.customer_id, Balance.subscription_id == subscription.id)
-        .order_by(Balance.period_start.desc())
-        .limit(1)
-    ).first()
-    return (row[0], row[1]) if row else (None, None)
-
-
-def usage_document(session: Session, customer_id: str, *, now: datetime, approaching_ratio: Decimal) -> dict[str, Any]:
-    subscription = current_subscription(session, customer_id)
-    balance, entitlement = _balance_for(session, subscription) if subscription else (None, None)
+def usage_document(row: RowLike, *, now: datetime, approaching_ratio: Decimal) -> dict[str, Any]:
+    """Seed 002 from a `USAGE` row: built once, as the JSON answer's dict."""
+    subscribed = row["subscription_id"] is not None
+    with_balance = row["balance_id"] is not None and row["entitlement_id"] is not None
     zero = Decimal(0)
     included = used = zero
     hard_cap: Decimal | None = zero
     at_limit = False
-    if balance is not None and entitlement is not None:
-        precision = entitlement.precision
-        included = from_atoms(balance.period_included, precision)
-        used = from_atoms(balance.period_used, precision)
-        hard_cap = None if balance.hard_cap is None else from_atoms(balance.hard_cap, precision)
+    if with_balance:
+        precision = row["precision"]
+        included = from_atoms(row["period_included"], precision)
+        used = from_atoms(row["period_used"], precision)
+        hard_cap = None if row["hard_cap"] is None else from_atoms(row["hard_cap"], precision)
         at_limit = period_limit_reached(
-            balance.period_used,
-            balance.period_included,
-            hard_cap=balance.hard_cap,
-            overage_enabled=balance.overage_enabled,
+            row["period_used"], row["period_included"], hard_cap=row["hard_cap"], overage_enabled=row["overage_enabled"]
         )
-        start, end = balance.period_start, balance.period_end
-    elif subscription is not None:
-        start, end = subscription.current_period_start, subscription.current_period_end
+        start, end = row["period_start"], row["period_end"]
+    elif subscribed:
+        start, end = row["subscription_start"], row["subscription_end"]
     else:
         start = end = None
     period, fraction = _period(start, end, now)
 
     remaining = max(included - used, zero)
     overage = max(used - included, zero)
-    live = subscription is not None and subscription.status in LIVE_STATUSES
+    live = subscribed and row["status"] in LIVE_STATUSES
     if not live:
         usage_status = "inactive"
     elif at_limit:
@@ -90,18 +157,18 @@ def usage_document(session: Session, customer_id: str, *, now: datetime, approac
         projected = json_number((used / fraction).to_integral_value())
 
     return {
-        "customer_id": customer_id,
-        "plan": subscription.plan_key if subscription else None,
+        "customer_id": row["customer_id"],
+        "plan": row["plan_key"],
         "plan_ids": {
-            "subscription_id": subscription.id if subscription else None,
-            "price_id": subscription.price_id if subscription else None,
-            "product_id": subscription.product_id if subscription else None,
+            "subscription_id": row["subscription_id"],
+            "price_id": row["price_id"],
+            "product_id": row["product_id"],
         },
-        "status": subscription.status if subscription else "none",
+        "status": row["status"] if subscribed else "none",
         "usage_status": usage_status,
-        "cancel_at_period_end": bool(subscription and subscription.cancel_at_period_end),
-        "canceled_at": render_optional(subscription.canceled_at) if subscription else None,
-        "unit": entitlement.unit if entitlement else None,
+        "cancel_at_period_end": bool(subscribed and row["cancel_at_period_end"]),
+        "canceled_at": render_optional(row["canceled_at"]),
+        "unit": row["unit"] if with_balance else None,
         "as_of": render_instant(now.replace(microsecond=0)),
         "period": period,
         "credits": {
