@@ -13,6 +13,7 @@ balance `balance - overage == sum(amount)` (plus, for a mirror, the jumps of its
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -199,9 +200,10 @@ class Writes:
 
     Each is one multi-row INSERT (optionally an upsert) or one UPDATE of many rows by key. On PostgreSQL
     all of them travel as ONE statement, each a data-modifying CTE (`WITH w0 AS (INSERT …), w1 AS (UPDATE
-    …) SELECT 1`): one round trip however many tables and rows, while the balances are locked. Rows travel
-    as one typed array per column (`unnest`), so the text depends only on which writes there are and
-    psycopg prepares it once. The parts touch different tables, so that they all see the same snapshot
+    …) SELECT 1`): one round trip however many tables and rows, while the balances are locked. Each part's
+    rows travel as one JSON document (`json_to_recordset`, typed by the columns): encoded in C, where
+    psycopg builds arrays element by element in Python; and the text depends only on which writes there
+    are, so psycopg prepares it once. The parts touch different tables, so that they all see the same snapshot
     does not matter. On SQLite each is one prepared statement run for each row (in-process: no round trips).
     """
 
@@ -228,25 +230,36 @@ class Writes:
             _send_sqlite(session, part)
 
 
+def _json_value(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} cannot travel in a batch write")
+
+
 def _send_postgres(session: Session, parts: Sequence[_Write]) -> None:
     dialect = session.get_bind().dialect
     quote = dialect.identifier_preparer.quote
     ctes: list[str] = []
-    params: dict[str, list[Any]] = {}
+    params: dict[str, str] = {}
     for index, part in enumerate(parts):
         names = list(part.rows[0])
-        arrays = []
-        for name in names:
-            column_type = part.table.c[name].type
-            # Strings travel as TEXT: a cast to VARCHAR(n) would silently cut an over-long value, where the
-            # assignment to the column refuses it.
-            sql_type = "TEXT" if isinstance(column_type, String) else column_type.compile(dialect=dialect)
-            arrays.append(f"CAST(:w{index}_{name} AS {sql_type}[])")
-            params[f"w{index}_{name}"] = [row[name] for row in part.rows]
-        source = f"unnest({', '.join(arrays)}) AS v({', '.join(quote(name) for name in names)})"
+        # Strings travel as text: a cast to VARCHAR(n) would silently cut an over-long value, where the
+        # assignment to the column refuses it.
+        definitions = ", ".join(
+            f"{quote(name)} "
+            + (
+                "TEXT"
+                if isinstance(part.table.c[name].type, String)
+                else part.table.c[name].type.compile(dialect=dialect)
+            )
+            for name in names
+        )
+        params[f"w{index}"] = json.dumps(part.rows, default=_json_value, separators=(",", ":"))
+        source = f"json_to_recordset(CAST(:w{index} AS json)) AS v({definitions})"
         table = quote(part.table.name)
         if part.key is None:
-            sql = f"INSERT INTO {table} ({', '.join(quote(name) for name in names)}) SELECT * FROM {source}"
+            columns = ", ".join(quote(name) for name in names)
+            sql = f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {source}"
             if part.upsert_on:
                 updates = ", ".join(f"{quote(n)} = EXCLUDED.{quote(n)}" for n in names if n not in part.upsert_on)
                 sql += f" ON CONFLICT ({', '.join(quote(n) for n in part.upsert_on)}) DO UPDATE SET {updates}"
