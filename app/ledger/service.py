@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from sqlalchemy import insert, or_, select, tuple_
+from sqlalchemy import insert, or_, select
 from sqlalchemy.orm import Session
 
 from app.catalogue import EntitlementSpec
@@ -23,7 +23,7 @@ from app.db import insert_ignoring_conflicts, table_of, utcnow
 from app.ledger.amounts import to_atoms
 from app.ledger.errors import InsufficientCredits, LedgerError, LimitExceeded, ProviderManaged, UnknownBalance
 from app.ledger.limits import LimitedBalance, deduction_refusal
-from app.ledger.posting import PlannedEntry, Position, Posting, Source, Writes, append, post_one
+from app.ledger.posting import PlannedEntry, Position, Posting, Source, Writes, among, append, post_one
 from app.models import Balance, CreditEntitlement, Grant, LedgerEntry
 
 # --- entitlements and balances -------------------------------------------------------------------
@@ -333,7 +333,7 @@ class LedgerBatch:
         balances = table_of(Balance)
         rows = session.execute(
             select(balances)
-            .where(tuple_(balances.c.customer_id, balances.c.entitlement_id).in_(wanted))
+            .where(among(session, [balances.c.customer_id, balances.c.entitlement_id], wanted))
             .order_by(balances.c.customer_id, balances.c.entitlement_id)
             .with_for_update()
         ).all()
@@ -360,7 +360,7 @@ class LedgerBatch:
             live = session.execute(
                 select(grants.c.id, grants.c.balance_id, grants.c.starts_at, grants.c.expires_at, grants.c.remaining)
                 .where(
-                    grants.c.balance_id.in_(list(accounts)),
+                    among(session, [grants.c.balance_id], [(balance_id,) for balance_id in accounts]),
                     grants.c.expired_at.is_(None),
                     # an exhausted grant matters only while it can still expire (it is closed then)
                     or_(grants.c.remaining > 0, grants.c.expires_at.is_not(None)),

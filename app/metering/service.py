@@ -52,7 +52,7 @@ from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Context, Decimal, Inexact, localcontext
 from typing import Any
 
-from sqlalchemy import Row, case, or_, select, tuple_, update
+from sqlalchemy import Row, case, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -61,7 +61,7 @@ from app.db import Database, table_of, utcnow
 from app.doorbell import claim_stale_pending, ring
 from app.ledger.amounts import MAX_ATOMS, AmountError
 from app.ledger.errors import LedgerError
-from app.ledger.posting import Source, Writes
+from app.ledger.posting import Source, Writes, among
 from app.ledger.service import Account, Checkpoint, LedgerBatch
 from app.metering.ingest import metered_value, meters_for
 from app.metering.models import MeterUsage, UsageEvent
@@ -289,7 +289,7 @@ def _load_totals(session: Session, keys: set[tuple[str, str, str]]) -> dict[tupl
         return {}
     rows = session.execute(
         select(METER_USAGE).where(
-            tuple_(METER_USAGE.c.customer_id, METER_USAGE.c.meter_key, METER_USAGE.c.period_key).in_(sorted(keys))
+            among(session, [METER_USAGE.c.customer_id, METER_USAGE.c.meter_key, METER_USAGE.c.period_key], keys)
         )
     ).all()
     return {
@@ -326,7 +326,7 @@ def _claim(session: Session, ids: list[int], top_up: int) -> Sequence[PendingEve
         USAGE_EVENTS.c.timestamp,
         USAGE_EVENTS.c.metadata,
     )
-    named = USAGE_EVENTS.c.id.in_(ids)
+    named = among(session, [USAGE_EVENTS.c.id], [(event_id,) for event_id in ids])
     query = select(*columns).where(USAGE_EVENTS.c.status == "pending")
     if top_up:
         query = query.where(or_(named, USAGE_EVENTS.c.attempts == 0)).order_by(case((named, 0), else_=1))
