@@ -52,7 +52,7 @@ from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Context, Decimal, Inexact, localcontext
 from typing import Any
 
-from sqlalchemy import Row, case, or_, select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -327,13 +327,18 @@ def _claim(session: Session, ids: list[int], top_up: int) -> Sequence[PendingEve
         USAGE_EVENTS.c.metadata,
     )
     named = among(session, [USAGE_EVENTS.c.id], [(event_id,) for event_id in ids])
-    query = select(*columns).where(USAGE_EVENTS.c.status == "pending")
-    if top_up:
-        query = query.where(or_(named, USAGE_EVENTS.c.attempts == 0)).order_by(case((named, 0), else_=1))
-        query = query.limit(len(ids) + top_up)
-    else:
-        query = query.where(named)
-    events = session.execute(query.order_by(USAGE_EVENTS.c.id).with_for_update(skip_locked=True)).all()
+    pending = select(*columns).where(USAGE_EVENTS.c.status == "pending")
+    events = list(session.execute(pending.where(named).with_for_update(skip_locked=True)).all())
+    wanted = top_up + len(ids) - len(events)
+    if top_up and wanted > 0:
+        # Oldest first along ix_usage_events_status_received_at: the scan stops after `wanted` free rows.
+        others = (
+            pending.where(USAGE_EVENTS.c.attempts == 0, ~named)
+            .order_by(USAGE_EVENTS.c.received_at, USAGE_EVENTS.c.id)
+            .limit(wanted)
+            .with_for_update(skip_locked=True)
+        )
+        events += session.execute(others).all()
     return sorted(events, key=lambda event: event.id)
 
 
