@@ -195,6 +195,12 @@ def test_topping_up_takes_other_pending_events_but_not_ones_that_failed_before(d
     assert apply_usage_events(db, CATALOGUE, more, top_up=True).counts == {"applied": 1}  # not others[1] again
     assert usage_event(db, f"{customer}-other1").attempts == 1
 
+    waiting = store(db, [completion(customer, "waiting", 1000)])
+    # a message whose events are done already (taken on top of others) does not go looking for more work
+    assert apply_usage_events(db, CATALOGUE, mine, top_up=True).counts == {}
+    assert usage_event(db, f"{customer}-waiting").status == "pending"
+    assert apply_usage_events(db, CATALOGUE, waiting, top_up=True).counts == {"applied": 1}
+
 
 @pytest.mark.broker
 def test_the_worker_applies_a_poisoned_message_and_dead_letters_the_poison(db, worker):

@@ -330,11 +330,13 @@ def _claim(session: Session, ids: list[int], top_up: int) -> Sequence[PendingEve
     pending = select(*columns).where(USAGE_EVENTS.c.status == "pending")
     events = list(session.execute(pending.where(named).with_for_update(skip_locked=True)).all())
     wanted = top_up + len(ids) - len(events)
-    if top_up and wanted > 0:
+    if top_up and events and wanted > 0:
+        # Only a message that still had work tops up: one whose events others took (or applied) is done, and
+        # looking further would walk the index's entries of events applied since the last vacuum for nothing.
         # Oldest first along ix_usage_events_status_received_at: the scan stops after `wanted` free rows.
         others = (
             pending.where(USAGE_EVENTS.c.attempts == 0, ~named)
-            .order_by(USAGE_EVENTS.c.received_at, USAGE_EVENTS.c.id)
+            .order_by(USAGE_EVENTS.c.received_at)
             .limit(wanted)
             .with_for_update(skip_locked=True)
         )
