@@ -20,6 +20,7 @@ from dramatiq.broker import Broker
 
 from app.config import Settings
 from app.db import Database
+from app.doorbell import ring
 from app.inbox import processing, store
 from app.ledger.service import expire_all_due
 from app.metering import service as metering
@@ -50,9 +51,9 @@ class Jobs:
     def enqueue_event(self, inbox_event_id: int) -> None:
         self.enqueue_events([inbox_event_id])
 
-    def enqueue_usage(self, usage_event_ids: list[int]) -> None:
+    def enqueue_usage(self, usage_event_ids: list[int], delay_ms: int | None = None) -> None:
         """The doorbell for newly stored usage events: one message per ingest batch."""
-        self.broker.enqueue(self.apply_usage_events.message(usage_event_ids))
+        self.broker.enqueue(self.apply_usage_events.message(usage_event_ids), delay=delay_ms)
 
 
 def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
@@ -73,8 +74,19 @@ def declare_jobs(broker: Broker, settings: Settings, db: Database) -> Jobs:
             raise processing.RetryableFailure(f"inbox events {outcome.retry} will be retried")
 
     def apply_usage_events(usage_event_ids: list[int]) -> None:
-        """Refusals are recorded on the events; other errors retry."""
-        metering.apply_usage_events(db, settings.catalogue, usage_event_ids)
+        """Refusals are recorded on the events. An event that fails is isolated and counted: one of this message's
+        is retried with the message (the rest are applied already, so for them a retry is a no-op); one the
+        worker took on top of the message is rung again in a message of its own, after the retry backoff."""
+        outcome = metering.apply_usage_events(
+            db, settings.catalogue, usage_event_ids, max_attempts=settings.max_attempts, top_up=True
+        )
+        foreign = sorted(set(outcome.retry) - set(usage_event_ids))
+        if foreign:
+            ring(lambda ids: jobs.enqueue_usage(ids, delay_ms=settings.retry_min_backoff_ms), foreign)
+        if len(foreign) < len(outcome.retry):
+            raise processing.RetryableFailure(
+                f"usage events {sorted(set(outcome.retry) - set(foreign))} will be retried"
+            )
 
     def sweep_inbox() -> None:
         store.sweep(db, jobs.enqueue_event, older_than=sweep_after)

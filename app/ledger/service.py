@@ -10,18 +10,20 @@ Rules, after TigerBeetle's transfers:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import insert, or_, select
 from sqlalchemy.orm import Session
 
 from app.catalogue import EntitlementSpec
-from app.db import insert_ignoring_conflicts, utcnow
+from app.db import insert_ignoring_conflicts, table_of, utcnow
 from app.ledger.amounts import to_atoms
 from app.ledger.errors import InsufficientCredits, LedgerError, LimitExceeded, ProviderManaged, UnknownBalance
-from app.ledger.limits import deduction_refusal
-from app.ledger.posting import Posting, Source, post_one
+from app.ledger.limits import LimitedBalance, deduction_refusal
+from app.ledger.posting import PlannedEntry, Position, Posting, Source, Writes, among, append, post_one
 from app.models import Balance, CreditEntitlement, Grant, LedgerEntry
 
 # --- entitlements and balances -------------------------------------------------------------------
@@ -179,6 +181,13 @@ def reset_overage(
     )
 
 
+def _refuse_past_limits(balance: LimitedBalance, amount: int) -> None:
+    refusal = deduction_refusal(balance, amount)
+    if refusal is not None:
+        error = LimitExceeded if refusal.code == "limit_exceeded" else InsufficientCredits
+        raise error(refusal.message)
+
+
 def deduct(
     session: Session,
     balance: Balance,
@@ -221,10 +230,7 @@ def deduct(
             _expire_grant(session, balance, candidate, now)
         else:
             live.append(candidate)
-    refusal = deduction_refusal(balance, amount)
-    if refusal is not None:
-        error = LimitExceeded if refusal.code == "limit_exceeded" else InsufficientCredits
-        raise error(refusal.message)
+    _refuse_past_limits(balance, amount)
 
     from_balance = min(amount, balance.balance)
     remaining = from_balance
@@ -242,6 +248,256 @@ def deduct(
             balance.id, kind, (balance.balance - from_balance, balance.overage + (amount - from_balance)), now, source
         ),
     )
+
+
+# --- set-based: many operations on balances locked once, computed in memory, written once ---------
+
+
+@dataclass
+class LiveGrant:
+    """A grant as a batch holds it; `loaded` is its (remaining, expired_at) as read: only changed ones are written."""
+
+    id: int
+    starts_at: datetime
+    expires_at: datetime | None
+    remaining: int
+    expired_at: datetime | None = None
+    loaded: tuple[int, datetime | None] = (0, None)
+
+    @property
+    def order(self) -> tuple[datetime, int]:
+        """Oldest first: the order deductions consume and expiries close grants in."""
+        return (self.starts_at, self.id)
+
+
+@dataclass
+class Account:
+    """A locked balance as a batch holds it: what the limit rules read (`LimitedBalance`), moved by postings."""
+
+    id: int
+    customer_id: str
+    entitlement_id: str
+    balance: int
+    overage: int
+    overage_enabled: bool
+    overage_limit: int | None
+    period_used: int
+    hard_cap: int | None
+    subscription_id: str | None
+    period_start: datetime | None
+    period_end: datetime | None
+    loaded: Position
+    """The position as read: where `posting.plan` starts."""
+    grants: list[LiveGrant] = field(default_factory=list)
+    """Unexpired when read (or granted in the batch), oldest first."""
+
+    def copy(self) -> Account:
+        return replace(self, grants=[replace(live) for live in self.grants])
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    postings: int
+    accounts: dict[int, Account]
+    grants_made: int
+
+
+class LedgerBatch:
+    """Deductions, grants and expiries on balances locked once, computed in memory and written in one go.
+
+    The rules are `deduct`'s, `grant`'s and `expire_due_grants`' entry for entry (tests/test_ledger_batch.py
+    holds the batch to them): expiry closes grants past their `now` first, a deduction takes the balance
+    (oldest grant first) then overage or is refused whole, and an expiry done before a refused deduction
+    stays, as it does when `deduct` raises. Every movement is a `Posting`; `write` plans them all through
+    `posting.plan` and issues one statement per table.
+    """
+
+    def __init__(self, accounts: Iterable[Account]) -> None:
+        self.accounts = {account.id: account for account in accounts}
+        self._by_key = {(account.customer_id, account.entitlement_id): account.id for account in self.accounts.values()}
+        self.postings: list[Posting] = []
+        self._granted: set[str] = set()
+        self._grants_made = 0
+
+    @classmethod
+    def lock(cls, session: Session, keys: Iterable[tuple[str, str]]) -> LedgerBatch:
+        """Lock the existing balances among `keys` (customer, entitlement) and load their live grants: two statements.
+
+        One `SELECT … ORDER BY customer_id, entitlement_id FOR UPDATE` takes the row locks in the one global
+        order every locker uses (PostgreSQL locks the rows as the sorted scan returns them), so batches, the
+        write API and the clock never wait on each other in a cycle.
+        """
+        wanted = sorted(set(keys))
+        if not wanted:
+            return cls([])
+        balances = table_of(Balance)
+        rows = session.execute(
+            select(balances)
+            .where(among(session, [balances.c.customer_id, balances.c.entitlement_id], wanted))
+            .order_by(balances.c.customer_id, balances.c.entitlement_id)
+            .with_for_update()
+        ).all()
+        accounts = {
+            row.id: Account(
+                id=row.id,
+                customer_id=row.customer_id,
+                entitlement_id=row.entitlement_id,
+                balance=row.balance,
+                overage=row.overage,
+                overage_enabled=row.overage_enabled,
+                overage_limit=row.overage_limit,
+                period_used=row.period_used,
+                hard_cap=row.hard_cap,
+                subscription_id=row.subscription_id,
+                period_start=row.period_start,
+                period_end=row.period_end,
+                loaded=Position((row.balance, row.overage), row.entry_count, row.last_transaction_at),
+            )
+            for row in rows
+        }
+        if accounts:
+            grants = table_of(Grant)
+            live = session.execute(
+                select(grants.c.id, grants.c.balance_id, grants.c.starts_at, grants.c.expires_at, grants.c.remaining)
+                .where(
+                    among(session, [grants.c.balance_id], [(balance_id,) for balance_id in accounts]),
+                    grants.c.expired_at.is_(None),
+                    # an exhausted grant matters only while it can still expire (it is closed then)
+                    or_(grants.c.remaining > 0, grants.c.expires_at.is_not(None)),
+                )
+                .order_by(grants.c.balance_id, grants.c.starts_at, grants.c.id)
+            )
+            for grant_id, balance_id, starts_at, expires_at, remaining in live:
+                accounts[balance_id].grants.append(
+                    LiveGrant(grant_id, starts_at, expires_at, remaining, loaded=(remaining, None))
+                )
+        return cls(accounts.values())
+
+    def account(self, customer_id: str, entitlement_id: str) -> Account | None:
+        balance_id = self._by_key.get((customer_id, entitlement_id))
+        return None if balance_id is None else self.accounts[balance_id]
+
+    def _post(self, account: Account, posting: Posting) -> None:
+        self.postings.append(posting)
+        account.balance, account.overage = posting.after
+
+    def _expire(self, account: Account, live: LiveGrant, now: datetime) -> None:
+        live.expired_at = now
+        if live.remaining:
+            after = (account.balance - live.remaining, account.overage)
+            source = Source(dedupe_key=f"expiry:{live.id}")
+            self._post(account, Posting(account.id, "expiry", after, utcnow(), source, grant_id=live.id))
+            live.remaining = 0
+
+    def expire_due(self, balance_id: int, now: datetime) -> None:
+        """`expire_due_grants`: close every grant past its expiry, an `expiry` entry for what was left of each."""
+        account = self.accounts[balance_id]
+        for live in account.grants:
+            if live.expired_at is None and live.expires_at is not None and live.expires_at <= now:
+                self._expire(account, live, now)
+
+    def deduct(self, balance_id: int, amount: int, *, source: Source, now: datetime, kind: str = "deduction") -> None:
+        """`deduct` for a cause known to be new: expiry first, then the limits (raising a `LedgerRefusal`), then
+        the balance oldest grant first and overage for the rest."""
+        if amount <= 0:
+            raise LedgerError("a deduction must be above zero")
+        account = self.accounts[balance_id]
+        self.expire_due(balance_id, now)
+        _refuse_past_limits(account, amount)
+        from_balance = min(amount, account.balance)
+        remaining = from_balance
+        for live in account.grants:
+            if remaining == 0:
+                break
+            if live.expired_at is None:
+                taken = min(live.remaining, remaining)
+                live.remaining -= taken
+                remaining -= taken
+        account.period_used += amount
+        after = (account.balance - from_balance, account.overage + (amount - from_balance))
+        self._post(account, Posting(account.id, kind, after, now, source))
+
+    def grant(
+        self,
+        session: Session,
+        balance_id: int,
+        amount: int,
+        *,
+        source_key: str,
+        starts_at: datetime,
+        expires_at: datetime | None,
+        source: Source = Source(),
+        kind: str = "grant",
+    ) -> bool:
+        """`grant`: credits once per `source_key` (False for a repeat). The grant row goes in at once, for its id."""
+        if amount < 0:
+            raise LedgerError("a grant cannot be negative")
+        dedupe_key = f"grant:{source_key}"
+        if dedupe_key in self._granted or find_entry(session, dedupe_key) is not None:
+            return False
+        account = self.accounts[balance_id]
+        grants = table_of(Grant)
+        values = {
+            "balance_id": balance_id,
+            "source_key": source_key,
+            "amount": amount,
+            "remaining": amount,
+            "starts_at": starts_at,
+            "expires_at": expires_at,
+            "created_at": utcnow(),
+        }
+        grant_id: int = session.execute(insert(grants).values(values).returning(grants.c.id)).scalar_one()
+        live = LiveGrant(grant_id, starts_at, expires_at, amount, loaded=(amount, None))
+        bisect.insort(account.grants, live, key=lambda item: item.order)
+        self._granted.add(dedupe_key)
+        self._grants_made += 1
+        after = (account.balance + amount, account.overage)
+        self._post(
+            account,
+            Posting(balance_id, kind, after, utcnow(), replace(source, dedupe_key=dedupe_key), grant_id=grant_id),
+        )
+        return True
+
+    def checkpoint(self, balance_ids: Iterable[int]) -> Checkpoint:
+        """What `rollback` returns to: for operations on `balance_ids` that must happen whole or not at all."""
+        return Checkpoint(len(self.postings), {i: self.accounts[i].copy() for i in balance_ids}, self._grants_made)
+
+    def rollback(self, checkpoint: Checkpoint) -> None:
+        """Forget what happened since `checkpoint` (once per checkpoint; not past a grant: its row is written)."""
+        dropped = self.postings[checkpoint.postings :]
+        if self._grants_made != checkpoint.grants_made or not {p.balance_id for p in dropped} <= set(
+            checkpoint.accounts
+        ):
+            raise LedgerError("rollback past a grant, or of a balance the checkpoint does not hold")
+        del self.postings[checkpoint.postings :]
+        self.accounts.update(checkpoint.accounts)
+
+    def write(self, writes: Writes) -> list[PlannedEntry]:
+        """Every entry (one INSERT), every moved balance (one UPDATE) and every changed grant (one UPDATE), added
+        to `writes` for the caller to send with its own."""
+        touched = sorted({posting.balance_id for posting in self.postings})
+        planned, moved = append(
+            writes,
+            {balance_id: self.accounts[balance_id].loaded for balance_id in touched},
+            self.postings,
+            balance_columns={
+                balance_id: {"period_used": self.accounts[balance_id].period_used} for balance_id in touched
+            },
+        )
+        for balance_id, position in moved.items():
+            account = self.accounts[balance_id]
+            if position.state != (account.balance, account.overage):  # the plan and the batch disagree: never write
+                raise LedgerError(
+                    f"balance {balance_id}: planned {position.state}, held {(account.balance, account.overage)}"
+                )
+        changed = [
+            {"id": live.id, "remaining": live.remaining, "expired_at": live.expired_at}
+            for account in self.accounts.values()
+            for live in account.grants
+            if (live.remaining, live.expired_at) != live.loaded
+        ]
+        writes.update(table_of(Grant), changed)
+        return planned
 
 
 # --- billing periods -----------------------------------------------------------------------------

@@ -51,11 +51,29 @@ def meters_for(catalogue: Catalogue, event_name: str) -> list[MeterSpec]:
     )
 
 
+UNIT_PLACES = 20
+"""The meters' precision: units are counted exactly to this many decimal places, so that a period's
+aggregate stays exact text that fits its column (`meter_usage.consumed`, 80 characters)."""
+MAX_UNIT_DIGITS = 31
+"""Digits before the point a metered value may have (below 10**31)."""
+
+
+def decimal_places(value: Decimal) -> int:
+    """The places `value` needs to be written exactly (trailing zeros need none), without ever formatting it:
+    `1E-999999999` is answered at once."""
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # a finite value
+    significant = "".join(map(str, digits)).rstrip("0")
+    return max(0, -(exponent + len(digits) - len(significant))) if significant else 0
+
+
 def metered_value(meter: MeterSpec, metadata: dict[str, Any] | None) -> Decimal:
     """The units one event contributes to a meter: 1 for count, else the metadata value under its key.
 
     JSON numbers arrive as floats; `Decimal(repr(x))` is the shortest decimal that reads back as the
     same float, which is the literal the client wrote for any value with up to 15 significant digits.
+    A value finer than the meters' precision (`UNIT_PLACES`) is refused rather than rounded: `1e-100`
+    tokens cannot be counted exactly, and its aggregate could not be stored.
     """
     if meter.aggregation == "count":
         return Decimal(1)
@@ -70,8 +88,13 @@ def metered_value(meter: MeterSpec, metadata: dict[str, Any] | None) -> Decimal:
     value = parse_decimal(raw)
     if value < 0:
         raise AmountError(f"metadata.{meter.metadata_key} must not be negative, got {value}")
-    if value.adjusted() > 30:
+    if value.adjusted() >= MAX_UNIT_DIGITS:
         raise AmountError(f"metadata.{meter.metadata_key} is too large")
+    if decimal_places(value) > UNIT_PLACES:
+        raise AmountError(
+            f"metadata.{meter.metadata_key} has more than {UNIT_PLACES} decimal places: "
+            f"meters count units exactly to {UNIT_PLACES} places"
+        )
     return value
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import utcnow
@@ -19,9 +19,10 @@ from app.models import Base, BigId
 class UsageEvent(Base):
     """One usage event as a service reported it, stored before ingest answers and applied by a worker.
 
-    `status` is pending -> applied | refused. A refusal is final: the event keeps its refusal code,
-    and a redelivery of the same `event_id` is absorbed by the unique constraint, so it can never
-    turn into a success later.
+    `status` is pending -> applied | refused | failed. A refusal is final: the event keeps its refusal
+    code, and a redelivery of the same `event_id` is absorbed by the unique constraint, so it can never
+    turn into a success later. `failed` is a dead letter: an event whose application kept failing (not a
+    refusal), after `attempts`, with its `last_error`.
     """
 
     __tablename__ = "usage_events"
@@ -42,6 +43,8 @@ class UsageEvent(Base):
     refusal_message: Mapped[str | None] = mapped_column(Text)
     applied_at: Mapped[datetime | None]
     last_enqueued_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class MeterUsage(Base):
