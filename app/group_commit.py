@@ -124,6 +124,9 @@ class GroupCommit:
                     unique_rows.append(row)
                 places.append((key, is_first))
             placement.append(places)
+        # One key order for every batch, so the writers of several web processes take the unique
+        # index's locks in the same order and never deadlock on each other.
+        unique_rows.sort(key=lambda row: tuple(str(row[name]) for name in self.key))
         async with self.db.write() as connection:
             returned = (await connection.execute(self._insert, unique_rows)).all()
         inserted = {tuple(row[1:]): int(row[0]) for row in returned}
