@@ -186,4 +186,18 @@ def test_tokens_decide_who_may_read_what(db, http):
     assert (forbidden.status_code, forbidden.json()["code"]) == (403, "forbidden")
     assert get(SERVICE_TOKEN).status_code == 400  # a service token must say whom it asks about
     assert get(SERVICE_TOKEN, customer_id="cus_theirs").json()["credits"]["used"] == 2
-    assert get(SERVICE_TOKEN, customer_id="cus_nobody").status_code == 404
+    unknown = get(SERVICE_TOKEN, customer_id="cus_nobody")  # a new account: as one with no subscription
+    assert unknown.status_code == 200
+    document = unknown.json()
+    assert (document["customer_id"], document["status"], document["usage_status"]) == ("cus_nobody", "none", "inactive")
+    assert (document["plan"], document["period"], document["unit"]) == (None, None, None)
+    assert document["credits"] == {
+        "included": 0,
+        "used": 0,
+        "remaining": 0,
+        "overage": 0,
+        "percent_used": 0.0,
+        "projected_used": None,
+        "hard_cap": 0,
+        "in_overage": False,
+    }

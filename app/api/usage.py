@@ -20,7 +20,6 @@ async def get_usage(request: Request) -> JSONResponse:
       200: {description: the usage document}
       401: {description: missing or unknown token}
       403: {description: a customer token asking for another customer}
-      404: {description: unknown customer}
     """
     principal = await authenticate(request)
     customer_id = principal.customer_for(request.query_params.get("customer_id"))

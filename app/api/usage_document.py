@@ -16,7 +16,6 @@ from sqlalchemy import bindparam, case, literal_column, select
 from app.api.credit_documents import OneRowRead, RowLike, balances, customers, entitlements, subscriptions
 from app.billing.subscriptions import LIVE_STATUSES
 from app.db import AsyncDatabase
-from app.errors import NotFound
 from app.ledger.amounts import from_atoms, json_number
 from app.ledger.limits import period_limit_reached
 from app.times import render_instant, render_optional
@@ -89,14 +88,16 @@ USAGE = OneRowRead(
     .outerjoin(entitlements, entitlements.c.id == balances.c.entitlement_id)
     .where(customers.c.id == bindparam("customer_id"))
 )
-"""Everything seed 002 needs, in one statement; no row means no such customer."""
+"""Everything seed 002 needs, in one statement; no row means a customer Tally has not heard of yet."""
 
 
 async def read_usage(adb: AsyncDatabase, customer_id: str) -> dict[str, Any]:
-    """The `USAGE` row of a customer; 404 for an unknown customer."""
+    """The `USAGE` row of a customer. One Tally has never heard of reads as an account with no
+    subscription (status "none", zeroed credits), as seed 002 describes it: the gateway asks about
+    every new account before any webhook about it has arrived."""
     row = await USAGE.fetch(adb, customer_id=customer_id)
     if row is None:
-        raise NotFound(f"no customer {customer_id!r}", code="customer_not_found")
+        return {**dict.fromkeys(USAGE.statement.selected_columns.keys()), "customer_id": customer_id}
     return row
 
 
