@@ -6,10 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import select
+
 from app.catalogue import Catalogue
 from app.config import Settings
 from app.db import Database
+from app.models import Subscription
 from app.reconciliation.limits import ApiCaller
+from app.reconciliation.models import ReconciliationSeen
 from app.reconciliation.runs import Drift, Recorder
 
 PAGE_SIZE = 100
@@ -57,3 +61,28 @@ class RunContext:
                 f"{self.recorder.provider}: {what} checked {counts['checked']}, drifted {counts['drifted']}, "
                 f"repaired {counts['repaired']}, errors {counts['errors']}, api calls {self.caller.calls}"
             )
+
+
+def report_unknown_subscriptions(ctx: RunContext, provider: str, provider_name: str) -> None:
+    """Subscriptions Tally holds that the provider's listing did not return: reported, never deleted.
+
+    What the listing returned is in `reconciliation_seen`, so this is a paged query, not a set held
+    in memory."""
+    after = ""
+    while True:
+        with ctx.db.read() as session:
+            seen = select(ReconciliationSeen.object_id).where(ReconciliationSeen.run_id == ctx.run_id)
+            rows = session.execute(
+                select(Subscription.id, Subscription.status)
+                .where(Subscription.provider == provider, Subscription.id > after, Subscription.id.not_in(seen))
+                .order_by(Subscription.id)
+                .limit(PAGE_SIZE)
+            ).all()
+        if not rows:
+            return
+        for subscription_id, status in rows:
+            after = subscription_id
+            ctx.count("checked")
+            ctx.count("drifted")
+            ctx.drift(Drift("subscription", subscription_id, "exists", status, "missing", "reported"))
+        ctx.checkpoint(f"subscriptions unknown to {provider_name}")

@@ -31,9 +31,8 @@ from app.ledger.service import lock_balance
 from app.models import Balance, CreditEntitlement, LedgerEntry, ProviderLedgerEntry, Subscription
 from app.providers.dodo.handlers import apply_subscription, mirror_ledger_entry
 from app.providers.dodo.objects import PROVIDER, parse_amount, parse_ledger_entry, parse_subscription
-from app.reconciliation.context import PAGE_SIZE, RunContext
+from app.reconciliation.context import PAGE_SIZE, RunContext, report_unknown_subscriptions
 from app.reconciliation.limits import Failure, ProviderUnavailable, parse_retry_after
-from app.reconciliation.models import ReconciliationSeen
 from app.reconciliation.runs import Drift
 
 log = logging.getLogger(__name__)
@@ -340,7 +339,7 @@ def _subscriptions(ctx: RunContext, client: dodopayments.DodoPayments) -> None:
         if len(items) < PAGE_SIZE:
             break
         number += 1
-    _unknown_to_dodo(ctx)
+    report_unknown_subscriptions(ctx, PROVIDER, "Dodo")
 
 
 def _subscription(ctx: RunContext, client: dodopayments.DodoPayments, item: Any, row: Subscription | None) -> None:
@@ -384,25 +383,3 @@ def _subscription(ctx: RunContext, client: dodopayments.DodoPayments, item: Any,
         ctx.drift(Drift("subscription", subscription_id, name, held_value, live_value, action))
     if applied:
         ctx.count("repaired")
-
-
-def _unknown_to_dodo(ctx: RunContext) -> None:
-    """Subscriptions Tally holds that Dodo's listing did not return: reported, never deleted."""
-    after = ""
-    while True:
-        with ctx.db.read() as session:
-            seen = select(ReconciliationSeen.object_id).where(ReconciliationSeen.run_id == ctx.run_id)
-            rows = session.execute(
-                select(Subscription.id, Subscription.status)
-                .where(Subscription.provider == PROVIDER, Subscription.id > after, Subscription.id.not_in(seen))
-                .order_by(Subscription.id)
-                .limit(PAGE_SIZE)
-            ).all()
-        if not rows:
-            return
-        for subscription_id, status in rows:
-            after = subscription_id
-            ctx.count("checked")
-            ctx.count("drifted")
-            ctx.drift(Drift("subscription", subscription_id, "exists", status, "missing", "reported"))
-        ctx.checkpoint("subscriptions unknown to Dodo")

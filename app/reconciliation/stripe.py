@@ -32,9 +32,8 @@ from app.models import Grant, InboxEvent, Subscription
 from app.providers.base import HandlerContext
 from app.providers.stripe.handlers import GRANTING_STATUSES, apply_subscription, resolve_plan
 from app.providers.stripe.objects import THIN_EVENT, SubscriptionEvent, parse_subscription_event
-from app.reconciliation.context import PAGE_SIZE, RunContext
+from app.reconciliation.context import PAGE_SIZE, RunContext, report_unknown_subscriptions
 from app.reconciliation.limits import Failure, ProviderUnavailable, parse_retry_after
-from app.reconciliation.models import ReconciliationSeen
 from app.reconciliation.runs import Drift, last_success
 
 log = logging.getLogger(__name__)
@@ -255,7 +254,7 @@ def _subscriptions(ctx: RunContext, client: stripe.StripeClient) -> None:
         current = page
         fetched_at = int(time.time())
         page = ctx.caller(current.next_page, "list subscriptions")
-    _unknown_to_stripe(ctx)
+    report_unknown_subscriptions(ctx, PROVIDER, "Stripe")
 
 
 def _fmt_time(moment: datetime | None) -> str | None:
@@ -367,25 +366,3 @@ def _subscription(
         )
     if applied:
         ctx.count("repaired")
-
-
-def _unknown_to_stripe(ctx: RunContext) -> None:
-    """Subscriptions Tally holds that the listing did not return: reported, never deleted."""
-    after = ""
-    while True:
-        with ctx.db.read() as session:
-            seen = select(ReconciliationSeen.object_id).where(ReconciliationSeen.run_id == ctx.run_id)
-            rows = session.execute(
-                select(Subscription.id, Subscription.status)
-                .where(Subscription.provider == PROVIDER, Subscription.id > after, Subscription.id.not_in(seen))
-                .order_by(Subscription.id)
-                .limit(PAGE_SIZE)
-            ).all()
-        if not rows:
-            return
-        for subscription_id, status in rows:
-            after = subscription_id
-            ctx.count("checked")
-            ctx.count("drifted")
-            ctx.drift(Drift("subscription", subscription_id, "exists", status, "missing", "reported"))
-        ctx.checkpoint("subscriptions unknown to Stripe")
